@@ -1,0 +1,1 @@
+"""Training populations: the one-model training path and the submitit launcher."""

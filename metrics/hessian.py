@@ -1,0 +1,360 @@
+"""Hessian metrics of the training loss: top eigenvalues, trace and spectral density.
+
+The loss is the mean cross-entropy over every sample of ``batches`` (a sequence of ``(x, y)``
+pairs, ``y`` int64 class labels); a batch counts in proportion to its size. The Hessian is taken
+with respect to the trainable parameters, in ``named_parameters()`` order, with the model in
+``eval()`` mode (BatchNorm uses its running statistics, dropout is off). Every function restores
+each submodule's training flag and the parameters' ``.grad`` as they were before the call.
+
+- Top eigenvalues (power iteration) and trace (Hutchinson) go through PyHessian
+  (Yao et al. 2020, "PyHessian: Neural Networks Through the Lens of the Hessian").
+- The spectral density is stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019,
+  "An Investigation into Neural Net Optimization via Hessian Eigenvalue Density"), written
+  here because PyHessian 0.1's ``density()`` calls ``torch.eig``, which torch removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import numpy as np
+import pyhessian
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Result:
+    """Base of the result records: values plus the settings that produced them."""
+
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def settings(self) -> dict:
+        """The settings actually used (every field except the computed values)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in self._VALUE_FIELDS}
+
+
+@dataclass(frozen=True)
+class TopEigenvalues(_Result):
+    """Top Hessian eigenvalues by PyHessian's power iteration (with deflation for top_n > 1).
+
+    ``iterations`` is the total number of Hessian-vector products over the whole data,
+    summed over the ``top_n`` eigenvalues; ``n_samples`` is the number of data samples.
+    """
+
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvalues",)
+
+    eigenvalues: list[float]
+    top_n: int
+    max_iter: int
+    tol: float
+    seed: int
+    n_samples: int
+    iterations: int
+
+
+@dataclass(frozen=True)
+class HessianTrace(_Result):
+    """Hutchinson estimate of tr(H): the mean of v^T H v over Rademacher probes v.
+
+    ``vhv`` holds the individual probe values; ``n_probes == len(vhv)`` is the number of
+    Hutchinson samples PyHessian drew before its relative-change test (``tol``) stopped it.
+    """
+
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("trace", "vhv")
+
+    trace: float
+    vhv: list[float] = field(repr=False)
+    n_probes: int
+    max_iter: int
+    tol: float
+    seed: int
+    n_samples: int
+
+
+@dataclass(frozen=True, eq=False)
+class HessianDensity(_Result):
+    """Stochastic Lanczos quadrature of the Hessian's eigenvalue density.
+
+    The density is approximated by ``sum_k weights[k] * delta(lambda - eigenvalues[k])``:
+    the Ritz values of every probe, concatenated, with weights (first eigenvector components
+    of the tridiagonal matrix, squared) divided by ``n_v`` so that they sum to 1. Integrals of
+    the density estimate (1/P) tr f(H); e.g. ``n_params * sum(weights * eigenvalues)``
+    estimates tr(H). ``iterations`` holds the Lanczos steps actually taken for each probe
+    (fewer than ``n_iter`` when the Krylov space is exhausted or ``n_iter > n_params``).
+    """
+
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvalues", "weights")
+
+    eigenvalues: np.ndarray = field(repr=False)
+    weights: np.ndarray = field(repr=False)
+    n_iter: int
+    n_v: int
+    seed: int
+    n_samples: int
+    n_params: int
+    iterations: list[int]
+
+
+def hessian_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1,
+                            max_iter: int = 100, tol: float = 1e-3,
+                            seed: int = 0) -> TopEigenvalues:
+    """Top ``top_n`` Hessian eigenvalues by PyHessian's power iteration (Yao et al. 2020).
+
+    Each eigenvalue stops after ``max_iter`` iterations or when the Rayleigh quotient changes
+    by less than ``tol`` relatively between two iterations. With a small eigengap that test can
+    fire early (the shared performance notes saw 0.45-16% errors at tol=1e-3); use a tighter
+    ``tol`` when accuracy matters. Deterministic for a given ``seed``; the global torch RNG is
+    left as it was.
+    """
+    _check_positive_int(top_n, "top_n")
+    _check_iteration_settings(max_iter, tol)
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    if top_n > sum(p.numel() for p in params):
+        raise ValueError(f"top_n={top_n} exceeds the number of trainable parameters")
+    _check_cpu(params)
+    with _pyhessian_session(model, batches, seed) as hess:
+        eigenvalues, _ = hess.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
+        iterations = hess.hvp_calls
+    return TopEigenvalues(eigenvalues=[float(e) for e in eigenvalues], top_n=top_n,
+                          max_iter=max_iter, tol=tol, seed=seed, n_samples=n_samples,
+                          iterations=iterations)
+
+
+def hessian_trace(model: nn.Module, batches: Batches, max_iter: int = 100, tol: float = 1e-3,
+                  seed: int = 0) -> HessianTrace:
+    """Hessian trace by PyHessian's Hutchinson estimator (Yao et al. 2020).
+
+    tr(H) = E[v^T H v] for Rademacher v. PyHessian stops after ``max_iter`` probes or when the
+    running mean changes by less than ``tol`` relatively, which can happen after a handful of
+    probes; ``n_probes`` in the result says how many were used. ``tol=0`` always uses
+    ``max_iter`` probes. Deterministic for a given ``seed``; the global torch RNG is left as it was.
+    """
+    _check_iteration_settings(max_iter, tol)
+    batches, n_samples = _check_batches(batches)
+    _check_cpu(_trainable_parameters(model))
+    with _pyhessian_session(model, batches, seed) as hess:
+        vhv = [float(s) for s in hess.trace(maxIter=max_iter, tol=tol)]
+    return HessianTrace(trace=float(np.mean(vhv)), vhv=vhv, n_probes=len(vhv),
+                        max_iter=max_iter, tol=tol, seed=seed, n_samples=n_samples)
+
+
+def hessian_density(model: nn.Module, batches: Batches, n_iter: int = 100, n_v: int = 1,
+                    seed: int = 0) -> HessianDensity:
+    """Eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019).
+
+    For each of ``n_v`` probes v (Rademacher, normalised), ``n_iter`` Lanczos steps with full
+    reorthogonalisation build a tridiagonal T; with T = U diag(theta) U^T, the Gauss quadrature
+    of the probe's spectral measure has nodes theta_k and weights U[0, k]^2. Nodes and weights
+    of all probes are concatenated and the weights divided by ``n_v``.
+    """
+    _check_positive_int(n_iter, "n_iter")
+    _check_positive_int(n_v, "n_v")
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    n_params = sum(p.numel() for p in params)
+    generator = torch.Generator().manual_seed(seed)
+    nodes, weights, iterations = [], [], []
+    with _eval_mode(model), _grads_set_aside(params):
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            return _hvp_flat(model, params, batches, n_samples, v)
+
+        for _ in range(n_v):
+            start = (torch.randint(0, 2, (n_params,), generator=generator,
+                                   dtype=torch.float64) * 2 - 1) / math.sqrt(n_params)
+            alphas, betas = _lanczos(matvec, start, n_iter)
+            theta, u = torch.linalg.eigh(_tridiagonal(alphas, betas))
+            nodes.append(theta)
+            weights.append(u[0] ** 2 / n_v)
+            iterations.append(len(alphas))
+    return HessianDensity(eigenvalues=torch.cat(nodes).numpy(),
+                          weights=torch.cat(weights).numpy(), n_iter=n_iter, n_v=n_v,
+                          seed=seed, n_samples=n_samples, n_params=n_params,
+                          iterations=iterations)
+
+
+def hvp(model: nn.Module, batches: Batches, v: torch.Tensor) -> torch.Tensor:
+    """Hessian-vector product H v of the mean cross-entropy, by double backpropagation.
+
+    ``v`` is a flat vector over the trainable parameters in ``named_parameters()`` order; the
+    result has the same layout, ``v``'s dtype, and is detached. The model is evaluated in
+    ``eval()`` mode.
+    """
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    n_params = sum(p.numel() for p in params)
+    if v.dim() != 1 or v.numel() != n_params:
+        raise ValueError(f"v must be a flat vector of {n_params} elements, got shape "
+                         f"{tuple(v.shape)}")
+    with _eval_mode(model):
+        return _hvp_flat(model, params, batches, n_samples, v).to(v.dtype)
+
+
+def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], list[float]]:
+    """Lanczos tridiagonalisation with full reorthogonalisation, in float64.
+
+    Returns the diagonal ``alphas`` and off-diagonal ``betas`` of T (len(betas) ==
+    len(alphas) - 1). Each new direction is orthogonalised against all previous ones twice
+    (classical Gram-Schmidt, "twice is enough"). Stops early when the residual norm is
+    negligible (an invariant subspace has been found) or after ``len(start)`` steps.
+    """
+    steps = min(n_iter, start.numel())
+    basis = torch.empty(steps, start.numel(), dtype=torch.float64)
+    breakdown = 10 * torch.finfo(torch.float32).eps
+    alphas: list[float] = []
+    betas: list[float] = []
+    v = start / torch.linalg.vector_norm(start)
+    scale = 0.0
+    for j in range(steps):
+        basis[j] = v
+        w = matvec(v)
+        alphas.append(float(w @ v))
+        previous = basis[: j + 1]
+        for _ in range(2):
+            w = w - previous.T @ (previous @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        scale = max(scale, abs(alphas[-1]), beta)
+        if j == steps - 1 or beta <= breakdown * scale:
+            break
+        betas.append(beta)
+        v = w / beta
+    return alphas, betas
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
+    """The symmetric tridiagonal matrix with diagonal ``alphas`` and off-diagonal ``betas``."""
+    off = torch.tensor(betas, dtype=torch.float64)
+    return (torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            + torch.diag(off, 1) + torch.diag(off, -1))
+
+
+def _hvp_flat(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_samples: int,
+              v: torch.Tensor) -> torch.Tensor:
+    """H v as a flat float64 vector, summing size-weighted per-batch products.
+
+    Uses ``torch.autograd.grad`` throughout, so no ``.grad`` is written. Parameters that do not
+    reach the loss get zero rows.
+    """
+    pieces = [chunk.view_as(p).to(p.dtype)
+              for chunk, p in zip(v.split([p.numel() for p in params]), params)]
+    total = [torch.zeros_like(p) for p in params]
+    device = params[0].device
+    for x, y in batches:
+        loss = F.cross_entropy(model(x.to(device)), y.to(device)) * (len(x) / n_samples)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        pairs = [(g, piece) for g, piece in zip(grads, pieces) if g.requires_grad]
+        if not pairs:
+            continue
+        products = torch.autograd.grad([g for g, _ in pairs], params,
+                                       grad_outputs=[piece for _, piece in pairs],
+                                       allow_unused=True, materialize_grads=True)
+        for acc, product in zip(total, products):
+            acc.add_(product)
+    return torch.cat([t.reshape(-1) for t in total]).to(torch.float64)
+
+
+class _CountingHessian(pyhessian.hessian):
+    """PyHessian's ``hessian`` in data-loader mode, counting full-data Hessian-vector products."""
+
+    hvp_calls = 0
+
+    def dataloader_hv_product(self, v):
+        self.hvp_calls += 1
+        return super().dataloader_hv_product(v)
+
+
+@contextlib.contextmanager
+def _pyhessian_session(model: nn.Module, batches: Batches, seed: int) -> Iterator[_CountingHessian]:
+    """A PyHessian object over ``batches`` with its pitfalls handled.
+
+    cuda=False (its default assumes a GPU); the training flags and ``.grad`` it changes are
+    restored afterwards (its constructor leaves the model in eval(), and its backward passes
+    leave gradients); its random probes come from the global torch RNG, which is forked and
+    seeded here; its warning about ``backward(create_graph=True)`` reference cycles is silenced
+    in this block only (it sets the gradients to None after each product, which breaks them).
+    """
+    params = _trainable_parameters(model)
+    with _eval_mode(model), _grads_set_aside(params), torch.random.fork_rng(devices=[]), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True",
+                                category=UserWarning)
+        torch.manual_seed(seed)
+        yield _CountingHessian(model, nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval() mode, restoring every submodule's own training flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _grads_set_aside(params: list[nn.Parameter]) -> Iterator[None]:
+    """Clear ``.grad`` during the block (stale gradients must not add in), then put it back."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+
+
+def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters with requires_grad, in named_parameters() order; ValueError if none."""
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return params
+
+
+def _check_batches(batches: Batches) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Materialise ``batches`` as a list and return it with the total number of samples."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty")
+    n_samples = 0
+    for i, batch in enumerate(batches):
+        if len(batch) != 2:
+            raise ValueError(f"batch {i} is not an (x, y) pair")
+        x, y = batch
+        if len(x) == 0 or len(x) != len(y):
+            raise ValueError(f"batch {i} has {len(x)} inputs and {len(y)} labels; "
+                             "need the same positive number")
+        n_samples += len(x)
+    return batches, n_samples
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_iteration_settings(max_iter: int, tol: float) -> None:
+    _check_positive_int(max_iter, "max_iter")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+
+
+def _check_cpu(params: list[nn.Parameter]) -> None:
+    """PyHessian is called with cuda=False, so the model must sit on the CPU."""
+    if any(p.device.type != "cpu" for p in params):
+        raise ValueError("the PyHessian-based metrics need the model on the CPU")

@@ -1,0 +1,226 @@
+"""Hessian metrics against the exact Hessian of small networks.
+
+The exact Hessian is ``torch.autograd.functional.hessian`` of the mean cross-entropy as a
+function of the flat parameter vector (``torch.func.functional_call``), in float64, in eval
+mode, on the same samples as the estimators.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metrics.hessian import (hessian_density, hessian_top_eigenvalues, hessian_trace, hvp)
+
+N_SAMPLES = 232
+BATCH_SIZES = (160, 72)  # unequal on purpose: batches must be weighted by their size
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds overhead, and on a loaded
+    2-core machine it slowed the Hessian-vector products tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(n_in=8, n_classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_SAMPLES, n_in, generator=gen)
+    y = (x @ torch.randn(n_in, n_classes, generator=gen)).argmax(1)
+    return x, y
+
+
+def _batches(x, y):
+    return list(zip(x.split(BATCH_SIZES), y.split(BATCH_SIZES)))
+
+
+def _trained(model, x, y, steps=20, lr=0.5):
+    """A few full-batch SGD steps so that the model is not at initialisation."""
+    params = list(model.parameters())
+    for _ in range(steps):
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+    return model
+
+
+def _exact_hessian(model, x, y):
+    """Exact Hessian in float64 of the mean cross-entropy over (x, y), model in eval mode."""
+    m64 = copy.deepcopy(model).double().eval()
+    named = [(n, p) for n, p in m64.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(theta):
+        pieces = theta.split([p.numel() for _, p in named])
+        params = {n: t.view_as(p) for (n, p), t in zip(named, pieces)}
+        return F.cross_entropy(functional_call(m64, params, (x.double(),)), y)
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+@pytest.fixture(scope="module")
+def mlp_case():
+    """MLP 8-12-12-3 (303 parameters), trained 20 steps, with its exact Hessian."""
+    torch.manual_seed(0)
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(),
+                          nn.Linear(12, 3))
+    _trained(model, x, y)
+    hess = _exact_hessian(model, x, y)
+    return model, _batches(x, y), hess, torch.linalg.eigvalsh(hess)
+
+
+def test_top_eigenvalue_matches_exact_and_restores_state(mlp_case):
+    model, batches, _, spectrum = mlp_case
+    stale = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), stale):
+        p.grad = g
+    rng = torch.random.get_rng_state()
+    # tol=1e-6 so that the relative-change stop cannot fire before convergence
+    result = hessian_top_eigenvalues(model, batches, top_n=2, max_iter=1000, tol=1e-6, seed=3)
+    assert result.eigenvalues[0] == pytest.approx(spectrum[-1].item(), rel=1e-2)
+    assert result.eigenvalues[1] == pytest.approx(spectrum[-2].item(), rel=1e-2)
+    assert result.settings() == {"top_n": 2, "max_iter": 1000, "tol": 1e-6, "seed": 3,
+                                 "n_samples": N_SAMPLES, "iterations": result.iterations}
+    assert 2 < result.iterations <= 2000
+    # stale gradients neither leaked into the result nor were lost; global RNG untouched
+    assert all(p.grad is g for p, g in zip(model.parameters(), stale))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert model.training
+    for p in model.parameters():
+        p.grad = None
+    again = hessian_top_eigenvalues(model, batches, top_n=2, max_iter=1000, tol=1e-6, seed=3)
+    assert again.eigenvalues == result.eigenvalues
+
+
+def test_trace_matches_exact(mlp_case):
+    model, batches, hess, _ = mlp_case
+    # Hutchinson: one probe's relative std is sqrt(2 * offdiag ||H||_F^2) / tr H = 0.33 here,
+    # so 400 probes (tol=0: never stop early) give a 1.6% std; 5% is 3 sigma.
+    result = hessian_trace(model, batches, max_iter=400, tol=0.0, seed=0)
+    assert result.n_probes == len(result.vhv) == 400
+    assert result.trace == pytest.approx(hess.trace().item(), rel=0.05)
+    assert result.settings()["n_samples"] == N_SAMPLES
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_hvp_matches_exact(mlp_case):
+    model, batches, hess, _ = mlp_case
+    v = torch.randn(hess.shape[0], generator=torch.Generator().manual_seed(1))
+    expected = hess @ v.double()
+    got = hvp(model, batches, v)
+    assert got.dtype == v.dtype
+    assert torch.allclose(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_density_weights_support_and_top_ritz_value(mlp_case):
+    model, batches, _, spectrum = mlp_case
+    lo, hi = spectrum[0].item(), spectrum[-1].item()
+    result = hessian_density(model, batches, n_iter=60, n_v=2, seed=0)
+    assert result.eigenvalues.shape == result.weights.shape == (120,)
+    assert result.iterations == [60, 60]
+    assert result.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.all(result.weights >= 0)
+    slack = 1e-5 * hi
+    assert lo - slack <= result.eigenvalues.min() and result.eigenvalues.max() <= hi + slack
+    # extremal Ritz values converge first: the largest equals lambda_max
+    assert result.eigenvalues.max() == pytest.approx(hi, rel=1e-3)
+
+
+def test_density_implied_trace(mlp_case):
+    model, batches, hess, spectrum = mlp_case
+    # P * sum(w * theta) = mean over probes of z^T H z (z Rademacher): Hutchinson with n_v
+    # probes, whatever n_iter; 100 probes give a 3.3% std, so 10% is 3 sigma.
+    result = hessian_density(model, batches, n_iter=5, n_v=100, seed=0)
+    implied = result.n_params * float(np.sum(result.weights * result.eigenvalues))
+    assert result.n_params == hess.shape[0]
+    assert implied == pytest.approx(hess.trace().item(), rel=0.10)
+    assert result.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert spectrum[0] - 1e-5 <= result.eigenvalues.min()
+    assert result.eigenvalues.max() <= spectrum[-1] + 1e-5
+    assert result.settings() == {"n_iter": 5, "n_v": 100, "seed": 0, "n_samples": N_SAMPLES,
+                                 "n_params": hess.shape[0], "iterations": [5] * 100}
+
+
+def test_lanczos_stops_when_krylov_space_is_exhausted():
+    """A logistic-regression-like model with 2 x 3 + 3 = 9 parameters: n_iter=50 > P."""
+    torch.manual_seed(0)
+    x, y = _data(n_in=2)
+    model = _trained(nn.Linear(2, 3), x, y)
+    spectrum = torch.linalg.eigvalsh(_exact_hessian(model, x, y))
+    result = hessian_density(model, _batches(x, y), n_iter=50, n_v=1)
+    assert result.iterations[0] <= 9
+    assert result.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert result.eigenvalues.max() == pytest.approx(spectrum[-1].item(), rel=1e-4)
+
+
+def test_batchnorm_model_uses_eval_mode_and_leaves_state_untouched():
+    torch.manual_seed(0)
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(8, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+    _trained(model, x, y)
+    model[1].eval()  # a submodule with its own flag must keep it
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches(x, y)
+    spectrum = torch.linalg.eigvalsh(_exact_hessian(model, x, y))
+
+    top = hessian_top_eigenvalues(model, batches, max_iter=1000, tol=1e-6)
+    trace = hessian_trace(model, batches, max_iter=5)
+    density = hessian_density(model, batches, n_iter=30)
+
+    assert top.eigenvalues[0] == pytest.approx(spectrum[-1].item(), rel=1e-2)
+    assert np.isfinite(trace.trace) and trace.n_probes <= 5
+    assert density.eigenvalues.max() == pytest.approx(spectrum[-1].item(), rel=1e-3)
+    assert model.training and model[0].training and not model[1].training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+
+
+def test_parameters_unused_by_the_loss_get_zero_rows():
+    x, y = _data()
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(8, 3)
+            self.spare = nn.Linear(8, 3)
+
+        def forward(self, inputs):
+            return self.used(inputs)
+
+    model = WithSpare()
+    v = torch.ones(2 * (8 * 3 + 3))
+    product = hvp(model, _batches(x, y), v)
+    assert torch.all(product[27:] == 0) and torch.any(product[:27] != 0)
+
+
+def test_bad_input_raises():
+    x, y = _data()
+    model = nn.Linear(8, 3)
+    batches = _batches(x, y)
+    with pytest.raises(ValueError, match="empty"):
+        hessian_top_eigenvalues(model, [])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        hessian_trace(nn.ReLU(), batches)
+    frozen = nn.Linear(8, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        hessian_density(frozen, batches)
+    with pytest.raises(ValueError, match="labels"):
+        hessian_trace(model, [(x[:5], y[:4])])
+    with pytest.raises(ValueError, match="n_iter"):
+        hessian_density(model, batches, n_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        hessian_trace(model, batches, tol=-1.0)
+    with pytest.raises(ValueError, match="top_n"):
+        hessian_top_eigenvalues(model, batches, top_n=28)
+    with pytest.raises(ValueError, match="flat vector"):
+        hvp(model, batches, torch.ones(3, 9))

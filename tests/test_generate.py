@@ -1,0 +1,122 @@
+"""Generation end to end: idempotent reruns, kill -9 and resume, failures, limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import zoo
+from generators import jobs
+from generators.launcher import LaunchOptions, generate
+from zoo.catalog import load_catalog
+from zoo.storage import Store
+
+from .conftest import REPO
+
+
+def fingerprint(root) -> dict:
+    """(model_id, epoch) -> weight sha256 over the whole root, failing on any duplicate row."""
+    z = zoo.open(root)
+    for table, key in (("models", "model_id"), ("checkpoints", "model_id, epoch"), ("curves", "model_id, epoch")):
+        dupes = z.sql(f"select {key}, count(*) n from {table} group by all having n > 1")
+        assert dupes.empty, f"duplicate rows in {table}"
+    rows = z.sql("select model_id, epoch, sha256 from checkpoints")
+    return {(m, int(e)): s for m, e, s in rows.itertuples(index=False)}
+
+
+def zoo_cli(*args, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "zoo", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_local_executor_matches_debug_and_rerun_trains_nothing(smoke_root, tmp_path):
+    root = tmp_path / "root"
+    proc = zoo_cli("generate", "smoke", "--root", str(root), "--jobs-dir", str(tmp_path / "jobs"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert fingerprint(root) == fingerprint(smoke_root)  # other processes, same bits
+    files = sorted(p for p in root.rglob("*.parquet"))
+    proc = zoo_cli("generate", "smoke", "--root", str(root), "--executor", "debug")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "already stored" in err
+    assert sorted(p for p in root.rglob("*.parquet")) == files
+    assert len(fingerprint(root)) == 8 * 3
+
+
+@pytest.mark.slow
+def test_kill_9_halfway_then_rerun_equals_an_uninterrupted_run(smoke_root, tmp_path):
+    root = tmp_path / "root"
+    models = root / "tables" / "models" / "smoke"
+    proc = zoo_cli("generate", "smoke", "--root", str(root), "--workers", "1", "--models-per-job", "2",
+                   "--jobs-dir", str(tmp_path / "jobs"))
+    deadline = time.time() + 240
+    while time.time() < deadline and (not models.is_dir() or len(list(models.glob("*.parquet"))) < 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its running job
+    proc.wait()
+    stored = len(list(models.glob("*.parquet")))
+    assert 2 <= stored < 8, f"the kill came at {stored} of 8 models"
+    proc = zoo_cli("generate", "smoke", "--root", str(root), "--jobs-dir", str(tmp_path / "jobs"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"trained {8 - stored}," in err
+    assert fingerprint(root) == fingerprint(smoke_root)
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_a_job_run_twice_stores_each_model_once(smoke_root, tmp_path):
+    specs = [s.to_json() for s in load_catalog(REPO / "catalog.yaml")["smoke"].models()[:2]]
+    first = jobs.train_and_store(str(tmp_path / "r"), specs)
+    second = jobs.train_and_store(str(tmp_path / "r"), specs)
+    assert len(first.trained) == 2 and second.skipped == first.trained and not second.trained
+    Store(tmp_path / "r").write_index()
+    prints = fingerprint(tmp_path / "r")
+    assert len(prints) == 2 * 3 and all(prints[k] == fingerprint(smoke_root)[k] for k in prints)
+
+
+def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch):
+    zoo_config = load_catalog(REPO / "catalog.yaml")["smoke"]
+    bad_id = zoo_config.models()[3].model_id
+    real_train = jobs.train
+
+    def flaky(spec, data):
+        if spec.model_id == bad_id:
+            raise RuntimeError("simulated divergence")
+        return real_train(spec, data)
+
+    monkeypatch.setattr(jobs, "train", flaky)
+    store = Store(tmp_path / "r", create=True)
+    options = LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs")
+    report = generate(zoo_config, store, options, progress=False)
+    assert report.trained == 7 and list(report.failed) == [bad_id]
+    failures = zoo.open(tmp_path / "r").sql("select model_id, error from failures")
+    assert failures["model_id"].tolist() == [bad_id] and "simulated divergence" in failures["error"][0]
+    monkeypatch.setattr(jobs, "train", real_train)
+    report = generate(zoo_config, store, options, progress=False)  # the failed model is retried
+    assert report.planned == 1 and report.trained == 1
+    assert zoo.open(tmp_path / "r").sql("select count(*) n from failures")["n"][0] == 0
+
+
+def test_limit_trains_at_most_n_missing_models(tmp_path):
+    zoo_config = load_catalog(REPO / "catalog.yaml")["smoke"]
+    store = Store(tmp_path / "r", create=True)
+    options = LaunchOptions(executor="debug", limit=3, jobs_dir=tmp_path / "jobs")
+    assert generate(zoo_config, store, options, progress=False).trained == 3
+    assert generate(zoo_config, store, options, progress=False).trained == 3
+    assert len(store.stored_ids("models", "smoke")) == 6
+
+
+def test_bad_launch_options_are_clear_errors(tmp_path, capsys):
+    from zoo.cli import main
+
+    for args in (["--executor", "kubernetes"], ["--workers", "0"], ["--models-per-job", "0"], ["--sbatch", "novalue"]):
+        assert main(["generate", "smoke", "--root", str(tmp_path / "r"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("zoo: error:") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,96 @@
+"""Training: deterministic, curves every epoch, checkpoints where declared, step budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from generators.training import augment, derive_seed, epoch_batches, train
+from zoo.catalog import Training, parse_zoo
+from zoo.datasets import load_dataset
+from zoo.evaluation import evaluate
+from zoo.weights import flatten, sha256, unflatten
+
+ZOO = {
+    "description": "t",
+    "dataset": {"name": "digits", "train_size": 300},
+    "architecture": {"name": "mlp", "width": 16},
+    "load": {"name": "width", "values": [16]},
+    "temperature": {"name": "batch_size", "values": [32]},
+    "seeds": [0, 1],
+    "training": {"lr": 0.05, "momentum": 0.9, "epochs": 3},
+    "checkpoints": [0, 2, 3],
+}
+
+
+def test_same_spec_gives_bitwise_identical_weights_and_seeds_differ():
+    spec_a, spec_b = parse_zoo("t", ZOO).models()
+    data = load_dataset(spec_a.dataset)
+    first, second, other = train(spec_a, data), train(spec_a, data), train(spec_b, data)
+    for epoch in (0, 2, 3):
+        assert sha256(first.checkpoints[epoch]) == sha256(second.checkpoints[epoch])
+    assert not np.array_equal(first.checkpoints[3], other.checkpoints[3])
+    assert not np.array_equal(first.checkpoints[0], first.checkpoints[3])
+
+
+def test_curves_cover_every_epoch_and_match_the_checkpoint():
+    spec = parse_zoo("t", ZOO).models()[0]
+    data = load_dataset(spec.dataset)
+    result = train(spec, data)
+    assert [row["epoch"] for row in result.curves] == [0, 1, 2, 3]
+    assert sorted(result.checkpoints) == [0, 2, 3]
+    assert result.curves[-1]["train_loss"] < result.curves[0]["train_loss"]
+    from zoo.architectures import build_model
+
+    model = build_model(spec.architecture, spec.input_shape, spec.n_classes)
+    model.load_state_dict(unflatten(result.checkpoints[3], result.index))
+    loss, acc = evaluate(model, data.x_test, data.y_test, spec.training.eval_batch_size)
+    assert (loss, acc) == (result.curves[-1]["test_loss"], result.curves[-1]["test_acc"])
+
+
+def test_cnn_with_batchnorm_and_augmentation_trains_deterministically():
+    body = dict(ZOO, architecture={"name": "cnn", "width": 4}, load={"name": "width", "values": [4]})
+    body["training"] = dict(ZOO["training"], augmentation="flip-crop", epochs=1)
+    body["checkpoints"] = [0, 1]
+    spec = parse_zoo("t", body).models()[0]
+    data = load_dataset(spec.dataset)
+    a, b = train(spec, data), train(spec, data)
+    assert sha256(a.checkpoints[1]) == sha256(b.checkpoints[1])
+    buffers = [e for e in a.index if e.kind == "buffer"]
+    assert any(e.name.endswith("running_mean") for e in buffers)
+
+
+def test_epoch_batches_without_and_with_a_step_budget():
+    t = Training(epochs=2, batch_size=32)
+    epoch = next(epoch_batches(100, t, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in epoch] == [32, 32, 32, 4]
+    assert sorted(torch.cat(epoch).tolist()) == list(range(100))
+    budget = Training(epochs=2, batch_size=32, steps_per_epoch=7)
+    for n in (50, 1000):
+        stream = epoch_batches(n, budget, torch.Generator().manual_seed(0))
+        first, second = next(stream), next(stream)
+        assert len(first) == len(second) == 7 and all(len(b) == 32 for b in first + second)
+
+
+def test_augment_flips_and_crops_per_sample():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    assert torch.equal(augment(x, 0, torch.Generator().manual_seed(0)).flip(3).abs().sum(), x.abs().sum())
+    out = augment(x, 1, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    for i in range(2):  # each output is a window of the padded (maybe flipped) input
+        padded = [torch.nn.functional.pad(v, (1, 1, 1, 1)) for v in (x[i, 0], x[i, 0].flip(1))]
+        windows = [p[r : r + 4, c : c + 4] for p in padded for r in range(3) for c in range(3)]
+        assert any(torch.equal(out[i, 0], w) for w in windows)
+
+
+def test_derived_seeds_are_distinct_streams():
+    assert derive_seed(0, "init") != derive_seed(0, "data") != derive_seed(1, "init")
+    assert derive_seed(5, "data") == derive_seed(5, "data")
+
+
+def test_flatten_puts_parameters_first():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    vector = flatten(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert np.array_equal(vector[:6], model[0].weight.detach().reshape(-1).numpy())
+    assert vector.size == n_params + 2 + 2 + 1

@@ -1,0 +1,41 @@
+"""zoo: populations of trained models over a load x temperature grid, stored as Parquet and
+queried with SQL.
+
+    import zoo
+    z = zoo.open("zoo-data")
+    z.sql("select width, batch_size, avg(test_acc) from ...")
+    model = z.load_model(model_id)
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version, plus the git commit (and '-dirty') when run from a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if not commit:
+        return __version__
+    return f"{__version__}+{commit}{'-dirty' if dirty else ''}"
+
+
+def open(root=None):  # noqa: A001 - `zoo.open(root)` reads as a sentence, like `duckdb.connect`
+    """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data)."""
+    from .api import Zoo
+
+    return Zoo(root)

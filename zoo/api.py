@@ -1,0 +1,145 @@
+"""The Python API: `z = zoo.open(root)`, then SQL, models, weights and exports.
+
+    z.sql("select * from models where zoo = 'digits-mlp'")   -> pandas DataFrame
+    z.load_model(model_id, epoch=None)                         -> torch module, stored weights
+    z.weights(model_ids, epoch=None)                           -> (N, P) float32 tensor
+    z.export(model_id, "model.safetensors")                    -> safetensors file
+
+Everything is rebuilt from what the root stores (the model's config and weights), so any later
+stage can load any model without knowing how it was trained. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from . import sql as zsql
+from .architectures import build_model
+from .catalog import ModelSpec
+from .datasets import Data, load_dataset
+from .errors import ZooError
+from .storage import Store, safe_name
+from .weights import TensorEntry, unflatten
+
+
+class Zoo:
+    """A zoo root opened for reading."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.store = Store(root)
+        self.root = self.store.root
+        self._con = zsql.connect(self.store)
+
+    def __repr__(self) -> str:
+        return f"zoo.open({str(self.root)!r})"
+
+    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+        """Run a read-only SQL query over the zoo's views; returns a DataFrame."""
+        return zsql.run_query(self._con, query, params)
+
+    def models(self, zoo: str | None = None) -> pd.DataFrame:
+        where = "where zoo = ?" if zoo else ""
+        return self.sql(f"select * from models {where} order by zoo, load, temperature, seed", [zoo] if zoo else [])
+
+    def spec(self, model_id: str) -> ModelSpec:
+        """The full config of a stored model."""
+        safe_name("model id", model_id)
+        rows = self.sql("select config from models where model_id = ?", [model_id])
+        if rows.empty:
+            raise ZooError(f"no model {model_id!r} in {self.root}")
+        return ModelSpec.from_json(rows["config"].iloc[0])
+
+    def data(self, model_id: str) -> Data:
+        """The data set (with its fixed split) that the model was trained on."""
+        return load_dataset(self.spec(model_id).dataset)
+
+    def load_model(self, model_id: str, epoch: int | None = None) -> nn.Module:
+        """The model with its stored weights at `epoch` (default: the last), in eval mode."""
+        spec = self.spec(model_id)
+        epoch = spec.training.epochs if epoch is None else int(epoch)
+        vector = self._vectors(spec.zoo, [model_id], epoch)[0]
+        model = build_model(spec.architecture, spec.input_shape, spec.n_classes)
+        model.load_state_dict(unflatten(vector, self._index(spec.zoo, model_id)))
+        return model.eval()
+
+    def weights(self, model_ids: Sequence[str], epoch: int | None = None, buffers: bool = False) -> torch.Tensor:
+        """The trainable weights of N models as one (N, P) float32 tensor, rows in the given
+        order (with `buffers`, BatchNorm statistics and counters are appended). `epoch=None` takes
+        each model's last epoch. The models must share a parameter layout."""
+        model_ids = list(model_ids)
+        if not model_ids:
+            return torch.zeros(0, 0)
+        for model_id in model_ids:
+            safe_name("model id", model_id)
+        info = self.sql(
+            "select model_id, zoo, n_params, json_extract(config, '$.training.epochs')::int as epochs "
+            "from models where model_id in (select unnest(?))",
+            [model_ids],
+        ).set_index("model_id")
+        missing = [m for m in model_ids if m not in info.index]
+        if missing:
+            raise ZooError(f"no model {missing[0]!r} in {self.root}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if info["n_params"].nunique() > 1:
+            raise ZooError("weights(): the models have different parameter counts; select one architecture and width")
+        rows = []
+        for (zoo, epochs), group in info.loc[model_ids].groupby(["zoo", "epochs"], sort=False):
+            ids = list(group.index)
+            rows.append((ids, self._vectors(zoo, ids, int(epochs) if epoch is None else int(epoch))))
+        by_id = {m: v for ids, vectors in rows for m, v in zip(ids, vectors)}
+        matrix = np.stack([by_id[m] for m in model_ids])
+        if not buffers:
+            matrix = matrix[:, : int(info["n_params"].iloc[0])]
+        return torch.from_numpy(np.ascontiguousarray(matrix))
+
+    def export(self, model_id: str, path: str | os.PathLike, epoch: int | None = None) -> Path:
+        """Write the model's state dict to a safetensors file, with its id, epoch and config as
+        metadata."""
+        from safetensors.torch import save_file
+
+        spec = self.spec(model_id)
+        epoch = spec.training.epochs if epoch is None else int(epoch)
+        state = unflatten(self._vectors(spec.zoo, [model_id], epoch)[0], self._index(spec.zoo, model_id))
+        path = Path(path)
+        metadata = {"model_id": model_id, "epoch": str(epoch), "config": spec.to_json()}
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+        except OSError as e:
+            raise ZooError(f"cannot write {path}: {e.strerror or e}") from None
+        return path
+
+    # --- reading part files --------------------------------------------------------------
+
+    def _vectors(self, zoo: str, model_ids: list[str], epoch: int) -> np.ndarray:
+        """(N, n_values) float32: the stored flat states of models of one zoo at one epoch."""
+        paths = [str(self.store.part_path("checkpoints", zoo, m)) for m in model_ids]
+        table = ds.dataset(paths, format="parquet").to_table(
+            columns=["model_id", "weights"], filter=pc.field("epoch") == epoch
+        )
+        found = table.column("model_id").to_pylist()
+        if len(found) != len(model_ids):
+            lacking = sorted(set(model_ids) - set(found))
+            raise ZooError(f"no checkpoint at epoch {epoch} for model {lacking[0]!r}")
+        weights = table.column("weights").combine_chunks()
+        flat = weights.values.to_numpy(zero_copy_only=False)
+        matrix = flat.reshape(len(found), -1)
+        order = {m: i for i, m in enumerate(found)}
+        return matrix[[order[m] for m in model_ids]]
+
+    def _index(self, zoo: str, model_id: str) -> list[TensorEntry]:
+        table = pq.read_table(self.store.part_path("tensors", zoo, model_id)).sort_by("position")
+        return [
+            TensorEntry(r["name"], tuple(r["shape"]), r["offset"], r["numel"], r["dtype"], r["kind"])
+            for r in table.to_pylist()
+        ]

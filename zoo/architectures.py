@@ -1,0 +1,142 @@
+"""Width-parameterised architectures, registered by name and built from a resolved spec.
+
+Each architecture declares its options (a pydantic model; unknown options are errors) and is
+built from (options, input_shape, n_classes). Initialisation draws from an explicit
+`torch.Generator`, never from torch's global RNG, so a model's initial weights depend on its seed
+alone and a population can be initialised model by model or all at once with the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ZooError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported inside the builders, not here: the catalog validates options with this module,
+# and `zoo catalog` / `zoo sql` should not pay torch's import time.
+
+
+class ArchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    options: type[ArchOptions]
+    build: Callable[[ArchOptions, tuple[int, ...], int], nn.Module]
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, options: type[ArchOptions]):
+    """Register a builder `(options, input_shape, n_classes) -> nn.Module` under `name`."""
+
+    def wrap(build):
+        ARCHITECTURES[name] = Architecture(name, options, build)
+        return build
+
+    return wrap
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ZooError(f"unknown architecture {name!r}; known: {known}") from None
+
+
+def build_model(arch_spec: dict, input_shape: tuple[int, ...], n_classes: int, seed: int | None = None) -> nn.Module:
+    """Build the architecture a resolved spec ({"name": ..., **options}) names.
+
+    With `seed`, the weights are initialised from a generator seeded with it."""
+    import torch
+
+    spec = dict(arch_spec)
+    arch = get_architecture(spec.pop("name"))
+    model = arch.build(arch.options(**spec), tuple(input_shape), n_classes)
+    if seed is not None:
+        initialize(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default initialisation (kaiming-uniform a=sqrt(5) weights, uniform(+-1/sqrt(fan_in))
+    biases, BatchNorm 1/0), drawn from `generator` in module order."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                if module.bias is not None:
+                    fan_in = module.weight[0].numel()
+                    bound = 1 / math.sqrt(fan_in)
+                    module.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_parameters()
+    return model
+
+
+
+class MLPOptions(ArchOptions):
+    width: int = Field(32, ge=1, description="hidden units per layer")
+    depth: int = Field(2, ge=1, description="hidden layers")
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+
+
+@register_architecture("mlp", MLPOptions)
+def build_mlp(o: MLPOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Flatten -> [Linear(width) -> activation] x depth -> Linear(n_classes)."""
+    from torch import nn
+
+    activation = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}[o.activation]
+    layers: list[nn.Module] = [nn.Flatten()]
+    n_in = math.prod(input_shape)
+    for _ in range(o.depth):
+        layers += [nn.Linear(n_in, o.width), activation()]
+        n_in = o.width
+    layers.append(nn.Linear(n_in, n_classes))
+    return nn.Sequential(*layers)
+
+
+class CNNOptions(ArchOptions):
+    width: int = Field(16, ge=1, description="channels of the first block; block k has width * 2^k")
+    depth: int = Field(2, ge=1, description="conv blocks, each conv -> [BatchNorm] -> ReLU -> 2x2 max-pool")
+    batchnorm: bool = True
+    kernel_size: int = Field(3, ge=1)
+
+
+@register_architecture("cnn", CNNOptions)
+def build_cnn(o: CNNOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Small CNN: conv blocks (channels width, 2*width, ...), global average pool, linear head."""
+    from torch import nn
+
+    if len(input_shape) != 3:
+        raise ZooError(f"architecture cnn needs image inputs (C, H, W), got input shape {input_shape}")
+    channels, size = input_shape[0], min(input_shape[1:])
+    if size < 2 ** (o.depth - 1):
+        raise ZooError(f"architecture cnn: depth {o.depth} pools a {size}-pixel input below 1 pixel")
+    layers: list[nn.Module] = []
+    for k in range(o.depth):
+        out = o.width * 2**k
+        layers.append(nn.Conv2d(channels, out, o.kernel_size, padding=o.kernel_size // 2, bias=not o.batchnorm))
+        if o.batchnorm:
+            layers.append(nn.BatchNorm2d(out))
+        layers.append(nn.ReLU())
+        if k < o.depth - 1:
+            layers.append(nn.MaxPool2d(2))
+        channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes)]
+    return nn.Sequential(*layers)

@@ -1,0 +1,317 @@
+"""The catalog: which zoos exist, and the fully resolved config of every model in each.
+
+A zoo is a grid: a load-like axis x a temperature-like axis x seeds, each axis setting one
+hyperparameter (an architecture option such as `width`, a data set option such as `train_size`,
+or a training field such as `batch_size` or `lr`). `Zoo.models()` expands the grid into
+`ModelSpec`s; a model's id is a hash of its spec, so the same config is the same model wherever
+and whenever it is trained.
+
+Errors are `CatalogError`s naming the zoo and the field, e.g.
+`catalog.yaml: zoo 'smoke', field 'training.lr': Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .architectures import get_architecture
+from .datasets import describe_dataset, get_dataset_type
+from .errors import CatalogError, ZooError
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Axis(Strict):
+    name: str = Field(description="the hyperparameter this axis sets")
+    values: list[int | float] = Field(min_length=1)
+
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, values):
+        if len(set(values)) != len(values):
+            raise ValueError("values must be distinct")
+        return values
+
+
+class Training(Strict):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "onecycle", "step"] = "constant"
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(32, ge=1)
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="fixed SGD steps per epoch (a data-size axis then keeps the step budget)"
+    )
+    augmentation: Literal["none", "flip-crop"] = "none"
+    crop_padding: int = Field(2, ge=0)
+    eval_batch_size: int = Field(2048, ge=1)
+
+
+class Launch(Strict):
+    """How jobs are launched; every field can be overridden on the command line."""
+
+    partition: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    timeout_min: int = Field(60, ge=2)
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: int = Field(64, ge=1)
+    models_per_job: int | None = Field(None, ge=1)
+    extra: dict[str, str] = Field(default_factory=dict, description="further sbatch arguments")
+
+
+class ZooConfig(Strict):
+    name: str
+    description: str
+    dataset: dict[str, Any]
+    architecture: dict[str, Any]
+    load: Axis
+    temperature: Axis
+    seeds: list[int] = Field(min_length=1)
+    training: Training
+    checkpoints: list[int] = Field(min_length=1, description="epochs to store; must hold 0 and the last")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="settings of the metric families")
+    launch: Launch = Launch()
+
+    @model_validator(mode="after")
+    def _check(self):
+        for section in ("dataset", "architecture"):
+            if not isinstance(getattr(self, section).get("name"), str):
+                raise _FieldError(f"{section}.name", "required: the registered name")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise _FieldError("seeds", "seeds must be distinct")
+        if self.load.name == self.temperature.name:
+            raise _FieldError("temperature.name", f"both axes set {self.load.name!r}")
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        return len(self.load.values) * len(self.temperature.values) * len(self.seeds)
+
+    def models(self) -> list["ModelSpec"]:
+        """Every model of the grid, in load, temperature, seed order."""
+        return [
+            _resolve(self, load, temperature, seed)
+            for load in self.load.values
+            for temperature in self.temperature.values
+            for seed in self.seeds
+        ]
+
+
+class ModelSpec(Strict):
+    """The complete config of one model: everything needed to train it or rebuild it."""
+
+    zoo: str
+    dataset: dict[str, Any]
+    architecture: dict[str, Any]
+    training: Training
+    seed: int
+    checkpoints: list[int]
+    load_name: str
+    load: float
+    temperature_name: str
+    temperature: float
+    input_shape: list[int]
+    n_classes: int
+
+    @property
+    def model_id(self) -> str:
+        """A stable hash: options left at their defaults are not part of it, so adding a new
+        option with a default later leaves every existing id unchanged."""
+        core = self.model_dump(exclude_defaults=True, exclude={"input_shape", "n_classes"})
+        blob = json.dumps(core, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        return cls.model_validate_json(text)
+
+    def hyperparameters(self) -> dict[str, tuple[Any, type]]:
+        """Every hyperparameter as one flat mapping name -> (value, declared type), the models
+        table's columns. The type is the declared one (bool, int, float or str), so that an
+        unset option (None) still gets a column of the right type."""
+        sections = (
+            ("dataset", self.dataset, get_dataset_type(self.dataset["name"]).options),
+            ("arch", self.architecture, get_architecture(self.architecture["name"]).options),
+            (None, self.training.model_dump(), Training),
+        )
+        flat: dict[str, tuple[Any, type]] = {}
+        for name_column, values, model in sections:
+            for key, value in values.items():
+                if key == "name":
+                    flat[name_column] = (value, str)
+                else:
+                    flat[key] = (value, _scalar_type(model.model_fields[key].annotation))
+        return flat
+
+
+def _scalar_type(annotation) -> type:
+    """bool, int, float or str: the first of these that an annotation (maybe `X | None`) admits."""
+    args = typing.get_args(annotation) or (annotation,)
+    for kind in (bool, int, float, str):
+        if kind in args:
+            return kind
+    return str
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def _hyperparameter_home(zoo: ZooConfig, name: str) -> str:
+    """Which section an axis's hyperparameter lives in: 'dataset', 'architecture' or 'training'."""
+    if name in get_architecture(zoo.architecture["name"]).options.model_fields:
+        return "architecture"
+    if name in get_dataset_type(zoo.dataset["name"]).options.model_fields and name != "path":
+        return "dataset"
+    if name in Training.model_fields and name not in ("augmentation", "optimizer", "schedule"):
+        return "training"
+    raise ValueError(f"{name!r} is not a hyperparameter of {zoo.architecture['name']}, {zoo.dataset['name']} or training")
+
+
+def _resolve(zoo: ZooConfig, load: float, temperature: float, seed: int) -> ModelSpec:
+    sections = {
+        "dataset": dict(zoo.dataset),
+        "architecture": dict(zoo.architecture),
+        "training": zoo.training.model_dump(),
+    }
+    for axis, value in ((zoo.load, load), (zoo.temperature, temperature)):
+        sections[_hyperparameter_home(zoo, axis.name)][axis.name] = value
+    dataset = get_dataset_type(sections["dataset"]["name"])
+    arch = get_architecture(sections["architecture"]["name"])
+    data_options = dataset.options(**{k: v for k, v in sections["dataset"].items() if k != "name"})
+    arch_options = arch.options(**{k: v for k, v in sections["architecture"].items() if k != "name"})
+    dataset_spec = {"name": dataset.name, **data_options.model_dump()}
+    input_shape, n_classes = describe_dataset(dataset_spec)
+    return ModelSpec(
+        zoo=zoo.name,
+        dataset=dataset_spec,
+        architecture={"name": arch.name, **arch_options.model_dump()},
+        training=Training(**sections["training"]),
+        seed=seed,
+        checkpoints=sorted(zoo.checkpoints),
+        load_name=zoo.load.name,
+        load=float(load),
+        temperature_name=zoo.temperature.name,
+        temperature=float(temperature),
+        input_shape=list(input_shape),
+        n_classes=n_classes,
+    )
+
+
+class Catalog:
+    """The zoos of one catalog file, validated."""
+
+    def __init__(self, zoos: dict[str, ZooConfig], path: Path):
+        self.zoos, self.path = zoos, path
+
+    def __getitem__(self, name: str) -> ZooConfig:
+        if name not in self.zoos:
+            raise ZooError(f"unknown zoo {name!r} in {self.path}; known zoos: {', '.join(self.zoos)}")
+        return self.zoos[name]
+
+    def __iter__(self):
+        return iter(self.zoos.values())
+
+
+def catalog_path(path: str | os.PathLike | None = None) -> Path:
+    """The catalog to use: `path`, else env ZOO_CATALOG, else the shipped catalog.yaml."""
+    return Path(path or os.environ.get("ZOO_CATALOG") or DEFAULT_CATALOG)
+
+
+def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
+    path = catalog_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: catalog file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise CatalogError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict) or set(raw) != {"zoos"} or not isinstance(raw["zoos"], dict) or not raw["zoos"]:
+        raise CatalogError(f"{path}: expected one top-level key `zoos:` mapping zoo names to their settings")
+    return Catalog({str(name): parse_zoo(str(name), body, path) for name, body in raw["zoos"].items()}, path)
+
+
+def parse_zoo(name: str, body: Any, path: Path | str = "catalog") -> ZooConfig:
+    """Validate one zoo's settings; any problem is a one-line CatalogError naming zoo and field."""
+    where = f"{Path(path).name}: zoo {name!r}"
+    if not isinstance(body, dict):
+        raise CatalogError(f"{where}: expected a mapping of settings, got {type(body).__name__}")
+    try:
+        zoo = ZooConfig(name=name, **body)
+    except ValidationError as e:
+        raise CatalogError(f"{where}, {_describe(e)}") from None
+    except _FieldError as e:
+        raise CatalogError(f"{where}, field {e.field!r}: {e.message}") from None
+    _check_resolvable(zoo, where)
+    return zoo
+
+
+def _check_resolvable(zoo: ZooConfig, where: str) -> None:
+    """Check names, options and every axis value now, so that a bad catalog fails before any job."""
+    for section, lookup in (("dataset", get_dataset_type), ("architecture", get_architecture)):
+        fixed = dict(getattr(zoo, section))
+        try:
+            kind = lookup(fixed.pop("name"))
+            kind.options(**fixed)
+        except ZooError as e:
+            raise CatalogError(f"{where}, field '{section}.name': {e}") from None
+        except ValidationError as e:
+            raise CatalogError(f"{where}, {_describe(e, prefix=section)}") from None
+    for axis_field in ("load", "temperature"):
+        try:
+            _hyperparameter_home(zoo, getattr(zoo, axis_field).name)
+        except ValueError as e:
+            raise CatalogError(f"{where}, field '{axis_field}.name': {e}") from None
+    if 0 not in zoo.checkpoints or zoo.training.epochs not in zoo.checkpoints:
+        raise CatalogError(f"{where}, field 'checkpoints': must include 0 and the last epoch ({zoo.training.epochs})")
+    if any(e < 0 or e > zoo.training.epochs for e in zoo.checkpoints):
+        raise CatalogError(f"{where}, field 'checkpoints': epochs must lie in 0..{zoo.training.epochs}")
+    for axis_field, axis in (("load", zoo.load), ("temperature", zoo.temperature)):
+        for value in axis.values:
+            load = value if axis_field == "load" else zoo.load.values[0]
+            temperature = value if axis_field == "temperature" else zoo.temperature.values[0]
+            try:
+                spec = _resolve(zoo, load, temperature, zoo.seeds[0])
+            except (ValidationError, ZooError) as e:
+                reason = _describe(e, prefix=None) if isinstance(e, ValidationError) else str(e)
+                raise CatalogError(f"{where}, field '{axis_field}.values' ({axis.name}={value}): {reason}") from None
+    if zoo.training.augmentation != "none" and len(spec.input_shape) != 3:
+        raise CatalogError(f"{where}, field 'training.augmentation': {spec.dataset['name']} is not an image data set")
+
+
+def _describe(e: ValidationError, prefix: str | None = "") -> str:
+    """The first validation error as "field 'a.b': message"; prefix=None gives the bare message."""
+    errors = e.errors()
+    first = errors[0]
+    message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if prefix is None:
+        return f"{message}{more}"
+    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(first["loc"]))
+    return f"field {loc!r}: {message}{more}"

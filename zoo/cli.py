@@ -1,0 +1,155 @@
+"""The `zoo` command (also `python -m zoo`). The only place that imports every stage.
+
+    zoo catalog                      the zoos, their grid sizes, how many models are stored
+    zoo generate ZOO                 train what the root lacks (local, debug or slurm executor)
+    zoo sql "SELECT ..."             read-only SQL over the root
+
+Every command takes --catalog FILE (env ZOO_CATALOG) and --root DIR (env ZOO_ROOT, default
+./zoo-data). A bad input prints one line `zoo: error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .catalog import load_catalog
+from .errors import ZooError
+from .storage import Store, default_root
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--catalog", metavar="FILE", help="catalog file (env ZOO_CATALOG; default: the shipped catalog.yaml)")
+    common.add_argument("--root", metavar="DIR", type=Path, help="zoo root (env ZOO_ROOT; default ./zoo-data)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description="Model zoos over phase grids, queried with SQL.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+
+    sub.add_parser("catalog", parents=[common], help="list the zoos of the catalog and what is stored")
+
+    g = sub.add_parser("generate", parents=[common], help="train the models of a zoo that the root lacks")
+    g.add_argument("zoo")
+    g.add_argument("--executor", default="local", help="local (default), debug (in-process) or slurm")
+    g.add_argument("--workers", type=int, default=None, help="concurrent local jobs (default: all cores)")
+    g.add_argument("--models-per-job", type=int, default=None, metavar="K", help="models trained by one job")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="train at most N missing models")
+    g.add_argument("--jobs-dir", type=Path, default=None, help="submitit's scratch folder (env ZOO_JOBS_DIR)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    slurm = g.add_argument_group("SLURM (override the catalog's `launch:` settings)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--gpus-per-node", type=int)
+    slurm.add_argument("--cpus-per-task", type=int)
+    slurm.add_argument("--mem-gb", type=float)
+    slurm.add_argument("--timeout-min", type=int, dest="timeout_min")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--array-parallelism", type=int)
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch argument (repeatable)")
+
+    q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
+    q.add_argument("query")
+    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument("--out", type=Path, help="write to FILE instead of standard output (required for parquet)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ZooError as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoo: interrupted; what was stored is kept, and a rerun goes on from there", file=sys.stderr)
+        return 130
+
+
+def cmd_catalog(args) -> int:
+    catalog = load_catalog(args.catalog)
+    root = args.root or default_root()
+    store = Store(root) if (Path(root) / "tables").is_dir() else None
+    header = f"{'zoo':<18} {'arch':<6} {'dataset':<16} {'load':<22} {'temperature':<24} {'seeds':>5} {'models':>6} {'stored':>6}"
+    print(header)
+    for z in catalog:
+        stored = len(store.stored_ids("models", z.name)) if store else 0
+        load = f"{z.load.name} x{len(z.load.values)}"
+        temperature = f"{z.temperature.name} x{len(z.temperature.values)}"
+        print(f"{z.name:<18} {z.architecture['name']:<6} {z.dataset['name']:<16} {load:<22} {temperature:<24} {len(z.seeds):>5} {z.grid_size:>6} {stored:>6}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from generators.launcher import LaunchOptions, generate
+
+    zoo_config = load_catalog(args.catalog)[args.zoo]
+    overrides = {
+        key: getattr(args, key)
+        for key in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos", "constraint", "array_parallelism")
+        if getattr(args, key) is not None
+    }
+    if args.sbatch:
+        pairs = [item.split("=", 1) for item in args.sbatch]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise ZooError("--sbatch takes KEY=VALUE")
+        overrides["extra"] = {**zoo_config.launch.extra, **dict(pairs)}
+    try:
+        launch = zoo_config.launch.model_copy(update=overrides)
+        launch = type(launch).model_validate(launch.model_dump())
+    except Exception as e:
+        raise ZooError(f"bad SLURM option: {str(e).splitlines()[-1].strip()}") from None
+    options = LaunchOptions(executor=args.executor, models_per_job=args.models_per_job, limit=args.limit, jobs_dir=args.jobs_dir, slurm=launch)
+    if args.workers is not None:
+        options.workers = args.workers
+    store = Store(args.root or default_root(), create=True)
+    report = generate(zoo_config, store, options, progress=not args.no_progress)
+    if report.planned == 0:
+        print(f"{report.zoo}: all {report.grid_size} models already stored in {store.root}", file=sys.stderr)
+    else:
+        print(
+            f"{report.zoo}: trained {report.trained}, skipped {report.skipped}, failed {len(report.failed)} "
+            f"of {report.planned} planned in {report.seconds:.1f} s ({report.models_per_second:.2f} models/s); root {store.root}",
+            file=sys.stderr,
+        )
+    for model_id, error in list(report.failed.items())[:5]:
+        print(f"  failed {model_id}: {error.splitlines()[0]}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_sql(args) -> int:
+    from . import sql as zsql
+
+    if args.format == "parquet" and not args.out:
+        raise ZooError("--format parquet needs --out FILE")
+    store = Store(args.root or default_root())
+    frame = zsql.run_query(zsql.connect(store), args.query)
+    if args.format == "parquet":
+        try:
+            frame.to_parquet(args.out, index=False)
+        except OSError as e:
+            raise ZooError(f"cannot write {args.out}: {e.strerror or e}") from None
+        return 0
+    if args.format == "csv":
+        text = frame.to_csv(index=False)
+    elif args.format == "json":
+        text = frame.to_json(orient="records", date_format="iso") + "\n"
+    else:
+        text = (frame.to_string(index=False) if len(frame.columns) else "(no columns)") + "\n"
+    if args.out:
+        try:
+            args.out.write_text(text)
+        except OSError as e:
+            raise ZooError(f"cannot write {args.out}: {e.strerror or e}") from None
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+COMMANDS = {"catalog": cmd_catalog, "generate": cmd_generate, "sql": cmd_sql}

@@ -1,0 +1,28 @@
+"""Loss and accuracy of a classifier on a data split: the one definition every stage uses.
+
+Training records its curves with this function and `Zoo.load_model` users evaluate with it, so a
+reloaded model reproduces its stored accuracy exactly (same batches, same reduction order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode; the module's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size])
+            target = y[start : start + batch_size]
+            total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(1) == target).sum())
+        return total_loss / len(x), correct / len(x)
+    finally:
+        model.train(was_training)

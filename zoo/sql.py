@@ -1,0 +1,58 @@
+"""Read-only SQL over a zoo root, safe on a zoo someone else made.
+
+Two locks: only SELECT-type statements (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, VALUES,
+EXPLAIN) are accepted, so CREATE, DROP, INSERT, COPY ... TO, ATTACH, INSTALL, LOAD, SET and
+PRAGMA are refused before anything runs; and the connection is an in-memory DuckDB whose file
+access is limited to the root (`allowed_directories`) with external access off and the
+configuration locked, so no query reads or writes anything outside the zoo.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+
+from .errors import ZooError
+from .storage import Store
+
+READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def connect(store: Store) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with one view per table of `store`, locked to the root."""
+    con = duckdb.connect(":memory:")
+    store.create_views(con)
+    root = str(store.root).replace("'", "''")
+    con.execute(f"SET allowed_directories = ['{root}']")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as e:
+        raise ZooError(f"SQL error: {_first_line(e)}") from None
+    if not statements:
+        raise ZooError("empty query")
+    for statement in statements:
+        if statement.type not in READ_ONLY:
+            kind = statement.type.name
+            raise ZooError(f"refused: zoo sql is read-only ({kind} statements are not allowed)")
+
+
+def run_query(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> pd.DataFrame:
+    """Run a read-only query (several statements: the last one's result)."""
+    check_read_only(con, query)
+    try:
+        return con.execute(query, params or []).df()
+    except duckdb.Error as e:
+        raise ZooError(f"SQL error: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,320 @@
+"""The zoo root on disk: Parquet part files written atomically, and a DuckDB index of views.
+
+Layout of a root:
+
+    zoo.duckdb                              views over the tables below (any DuckDB client)
+    tables/<table>/_empty.parquet           zero rows, the table's base schema (so empty views work)
+    tables/<table>/<zoo>/<model_id>.parquet one part per model and table
+
+One part per model and table, named by the model's id, is what makes generation idempotent: a
+job that runs twice, or two runs at once, write the same file name, and the atomic rename means
+the last complete write wins and no row is ever duplicated. A model counts as stored once its
+`models` part exists; that part is written last, after its curves, tensors and checkpoints.
+
+Writes go to a temporary name in the same folder, are fsynced, and are renamed into place, so no
+reader ever sees half a file. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ZooError
+from .weights import TensorEntry, n_parameters, sha256
+
+if TYPE_CHECKING:
+    from .catalog import ModelSpec
+
+INDEX_FILE = "zoo.duckdb"
+SCHEMA_VERSION = "1"
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "models": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("zoo", pa.string()),
+            ("arch", pa.string()),
+            ("dataset", pa.string()),
+            ("seed", pa.int64()),
+            ("load_name", pa.string()),
+            ("load", pa.float64()),
+            ("temperature_name", pa.string()),
+            ("temperature", pa.float64()),
+            ("n_params", pa.int64()),
+            ("status", pa.string()),
+            ("train_seconds", pa.float64()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+            ("code_version", pa.string()),
+            ("torch_version", pa.string()),
+            ("config", pa.string()),
+        ]
+    ),
+    "curves": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("epoch", pa.int32()),
+            ("train_loss", pa.float64()),
+            ("train_acc", pa.float64()),
+            ("test_loss", pa.float64()),
+            ("test_acc", pa.float64()),
+        ]
+    ),
+    "checkpoints": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("epoch", pa.int32()),
+            ("n_params", pa.int64()),
+            ("n_values", pa.int64()),
+            ("sha256", pa.string()),
+            ("weights", pa.list_(pa.float32())),
+        ]
+    ),
+    "tensors": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("position", pa.int32()),
+            ("name", pa.string()),
+            ("shape", pa.list_(pa.int64())),
+            ("offset", pa.int64()),
+            ("numel", pa.int64()),
+            ("dtype", pa.string()),
+            ("kind", pa.string()),
+        ]
+    ),
+    "failures": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("zoo", pa.string()),
+            ("error", pa.string()),
+            ("job_id", pa.string()),
+            ("failed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
+}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def safe_name(kind: str, name: str) -> str:
+    """A zoo name or model id used as a path component: no separators, no '..', no hidden files."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ZooError(f"invalid {kind} {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("ZOO_ROOT", "zoo-data"))
+
+
+class Store:
+    """Reads and writes the part files of one zoo root."""
+
+    def __init__(self, root: str | os.PathLike | None = None, create: bool = False):
+        self.root = Path(root if root is not None else default_root()).resolve()
+        if create:
+            self._create()
+        elif not (self.root / "tables").is_dir():
+            raise ZooError(f"no zoo at {self.root} (run `zoo generate ZOO --root {self.root}` first)")
+
+    def _create(self) -> None:
+        try:
+            for table, schema in SCHEMAS.items():
+                folder = self.root / "tables" / table
+                folder.mkdir(parents=True, exist_ok=True)
+                if not (folder / "_empty.parquet").exists():
+                    self._write_atomic(folder / "_empty.parquet", schema.empty_table())
+        except OSError as e:
+            raise ZooError(f"cannot write the zoo root {self.root}: {e.strerror or e}") from None
+
+    # --- paths ---------------------------------------------------------------------------
+
+    def table_dir(self, table: str) -> Path:
+        return self.root / "tables" / table
+
+    def part_path(self, table: str, zoo: str, key: str) -> Path:
+        return self.table_dir(table) / safe_name("zoo name", zoo) / f"{safe_name('model id', key)}.parquet"
+
+    def glob(self, table: str) -> str:
+        return str(self.table_dir(table) / "**" / "*.parquet")
+
+    def tables(self) -> list[str]:
+        """Tables present in this root (those of later stages appear once written)."""
+        return sorted(p.name for p in (self.root / "tables").iterdir() if p.is_dir())
+
+    # --- writing -------------------------------------------------------------------------
+
+    def write_part(self, table: str, zoo: str, key: str, data: pa.Table) -> Path:
+        path = self.part_path(table, zoo, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_atomic(path, data)
+        return path
+
+    def remove_part(self, table: str, zoo: str, key: str) -> None:
+        self.part_path(table, zoo, key).unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_atomic(path: Path, data: pa.Table) -> None:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            pq.write_table(
+                data.replace_schema_metadata({**(data.schema.metadata or {}), b"zoo_schema_version": SCHEMA_VERSION.encode()}),
+                tmp,
+                compression="zstd",
+            )
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def stored_ids(self, table: str, zoo: str) -> set[str]:
+        """Ids with a part in `table` for `zoo` (for `models`: the stored models)."""
+        folder = self.table_dir(table) / safe_name("zoo name", zoo)
+        if not folder.is_dir():
+            return set()
+        return {p.name[: -len(".parquet")] for p in folder.iterdir() if p.name.endswith(".parquet") and not p.name.startswith(".")}
+
+    def view_sql(self, table: str) -> str:
+        path = self.glob(table).replace("'", "''")
+        return f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{path}', union_by_name = true)"
+
+    def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        for table in self.tables():
+            con.execute(self.view_sql(table))
+
+    def write_index(self) -> Path:
+        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query.
+
+        Written under a temporary name and renamed, so concurrent writers never collide on
+        DuckDB's file lock and readers never see a half-written index."""
+        path = self.root / INDEX_FILE
+        tmp = path.with_name(f".{INDEX_FILE}.{uuid.uuid4().hex}.tmp")
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                self.create_views(con)
+            finally:
+                con.close()
+            os.replace(tmp, path)
+        except (OSError, duckdb.Error) as e:
+            raise ZooError(f"cannot write the index {path}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+        return path
+
+
+# --- one trained model --------------------------------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """What training produces for one model, in the form the store writes."""
+
+    spec: "ModelSpec"
+    curves: list[dict]  # one row per epoch 0..E: epoch, train_loss, train_acc, test_loss, test_acc
+    checkpoints: dict[int, np.ndarray]  # epoch -> flat float32 state (see zoo.weights)
+    index: list[TensorEntry]
+    train_seconds: float
+
+
+def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
+    """Store one model: tensors, curves, checkpoints, then its `models` row (the commit)."""
+    import torch
+
+    spec, model_id = model.spec, model.spec.model_id
+    index = model.index
+    store.write_part(
+        "tensors",
+        spec.zoo,
+        model_id,
+        pa.Table.from_pylist(
+            [
+                {"model_id": model_id, "position": i, "name": e.name, "shape": list(e.shape), "offset": e.offset,
+                 "numel": e.numel, "dtype": e.dtype, "kind": e.kind}
+                for i, e in enumerate(index)
+            ],
+            schema=SCHEMAS["tensors"],
+        ),
+    )
+    store.write_part("curves", spec.zoo, model_id, pa.Table.from_pylist([{"model_id": model_id, **row} for row in model.curves], schema=SCHEMAS["curves"]))
+    n_params = n_parameters(index)
+    epochs = sorted(model.checkpoints)
+    vectors = [model.checkpoints[e] for e in epochs]
+    store.write_part(
+        "checkpoints",
+        spec.zoo,
+        model_id,
+        pa.table(
+            {
+                "model_id": [model_id] * len(epochs),
+                "epoch": pa.array(epochs, pa.int32()),
+                "n_params": [n_params] * len(epochs),
+                "n_values": [int(v.size) for v in vectors],
+                "sha256": [sha256(v) for v in vectors],
+                "weights": pa.ListArray.from_arrays(
+                    pa.array(np.cumsum([0] + [v.size for v in vectors]), pa.int32()),
+                    pa.array(np.concatenate(vectors) if vectors else np.zeros(0, np.float32), pa.float32()),
+                ),
+            },
+            schema=SCHEMAS["checkpoints"],
+        ),
+    )
+    row = {
+        "model_id": model_id,
+        "zoo": spec.zoo,
+        "arch": spec.architecture["name"],
+        "dataset": spec.dataset["name"],
+        "seed": spec.seed,
+        "load_name": spec.load_name,
+        "load": spec.load,
+        "temperature_name": spec.temperature_name,
+        "temperature": spec.temperature,
+        "n_params": n_params,
+        "status": "done",
+        "train_seconds": model.train_seconds,
+        "created_at": datetime.now(timezone.utc),
+        "code_version": code_version,
+        "torch_version": torch.__version__,
+        "config": spec.to_json(),
+    }
+    fields = list(SCHEMAS["models"])
+    for name, (value, kind) in spec.hyperparameters().items():
+        if name not in row:
+            row[name] = value if value is None or kind is not str else str(value)
+            fields.append(pa.field(name, _ARROW_TYPES[kind]))
+    store.write_part("models", spec.zoo, model_id, pa.Table.from_pylist([row], schema=pa.schema(fields)))
+    store.remove_part("failures", spec.zoo, model_id)
+
+
+def write_failure(store: Store, zoo: str, model_id: str, error: str, job_id: str = "") -> None:
+    store.write_part(
+        "failures",
+        zoo,
+        model_id,
+        pa.Table.from_pylist(
+            [{"model_id": model_id, "zoo": zoo, "error": error, "job_id": job_id, "failed_at": datetime.now(timezone.utc)}],
+            schema=SCHEMAS["failures"],
+        ),
+    )
+
+
+_ARROW_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
