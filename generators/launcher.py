@@ -46,7 +46,7 @@ class LaunchOptions:
 @dataclass
 class GenerateReport:
     zoo: str
-    grid_size: int
+    n_models: int
     planned: int
     trained: int = 0
     skipped: int = 0
@@ -58,32 +58,35 @@ class GenerateReport:
         return self.trained / self.seconds if self.seconds > 0 else 0.0
 
 
-def missing_models(zoo: ZooConfig, store: Store) -> list[ModelSpec]:
+def missing_models(zoo: ZooConfig, store: Store, models: list[ModelSpec] | None = None) -> list[ModelSpec]:
     stored = store.stored_ids("models", zoo.name)
-    return [spec for spec in zoo.models() if spec.model_id not in stored]
+    return [spec for spec in (zoo.models() if models is None else models) if spec.model_id not in stored]
 
 
-def generate(zoo: ZooConfig, store: Store, options: LaunchOptions, progress: bool = True) -> GenerateReport:
-    """Train and store every model of `zoo` that `store` lacks (at most `options.limit`)."""
+def generate(
+    zoo: ZooConfig, store: Store, options: LaunchOptions, progress: bool = True, models: list[ModelSpec] | None = None
+) -> GenerateReport:
+    """Train and store every model of `zoo` (or of `models`, a subset of it) that `store` lacks,
+    at most `options.limit` of them."""
     if options.executor not in EXECUTORS:
         raise ZooError(f"unknown executor {options.executor!r}; known: {', '.join(EXECUTORS)}")
     if options.workers < 1:
         raise ZooError("--workers must be at least 1")
-    plan = missing_models(zoo, store)
-    if options.limit is not None:
-        plan = plan[: max(options.limit, 0)]
-    report = GenerateReport(zoo.name, zoo.grid_size, len(plan))
+    models = zoo.models() if models is None else models
+    missing = missing_models(zoo, store, models)
+    plan = missing if options.limit is None else missing[: max(options.limit, 0)]
+    report = GenerateReport(zoo.name, len(models), len(plan))
     start = time.perf_counter()
     if plan:
         chunks = _chunks(plan, _models_per_job(options, len(plan)))
         run_dir = _run_dir(options, zoo.name)
         executor = _executor(options, run_dir)
         bar = tqdm(
-            total=zoo.grid_size, initial=zoo.grid_size - len(missing_models(zoo, store)),
+            total=len(models), initial=len(models) - len(missing),
             desc=f"generate {zoo.name}", unit="model", disable=not progress, dynamic_ncols=True,
         )
         try:
-            _run(executor, chunks, store, options, zoo, bar, report)
+            _run(executor, chunks, store, options, bar, report)
         finally:
             bar.close()
         if not report.failed:
@@ -138,11 +141,13 @@ def _executor(options: LaunchOptions, folder: Path) -> submitit.Executor:
     return executor
 
 
-def _run(executor, chunks, store: Store, options: LaunchOptions, zoo: ZooConfig, bar, report: GenerateReport) -> None:
+def _run(executor, chunks, store: Store, options: LaunchOptions, bar, report: GenerateReport) -> None:
     """Submit the chunks (at most `workers` running at once on this machine), collect the job
     reports, and move the bar by what the store holds."""
     root = str(store.root)
     queue = [[spec.to_json() for spec in chunk] for chunk in chunks]
+    planned = {spec.model_id for chunk in chunks for spec in chunk}
+    done_before = bar.n
     running: list[tuple[submitit.Job, list[str]]] = []
     if options.executor == "slurm":
         with executor.batch():
@@ -156,7 +161,7 @@ def _run(executor, chunks, store: Store, options: LaunchOptions, zoo: ZooConfig,
         for job, specs in [r for r in running if _finished(r[0])]:
             running.remove((job, specs))
             _collect(job, specs, report)
-        stored = len(store.stored_ids("models", zoo.name))
+        stored = done_before + len(planned & store.stored_ids("models", report.zoo))
         if stored != bar.n:
             bar.update(stored - bar.n)
         if running:

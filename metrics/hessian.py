@@ -16,7 +16,6 @@ each submodule's training flag and the parameters' ``.grad`` as they were before
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -165,13 +164,13 @@ def hessian_density(model: nn.Module, batches: Batches, n_iter: int = 100, n_v: 
     n_params = sum(p.numel() for p in params)
     generator = torch.Generator().manual_seed(seed)
     nodes, weights, iterations = [], [], []
-    with _eval_mode(model), _grads_set_aside(params):
+    with _eval_mode(model):
         def matvec(v: torch.Tensor) -> torch.Tensor:
             return _hvp_flat(model, params, batches, n_samples, v)
 
         for _ in range(n_v):
-            start = (torch.randint(0, 2, (n_params,), generator=generator,
-                                   dtype=torch.float64) * 2 - 1) / math.sqrt(n_params)
+            start = torch.randint(0, 2, (n_params,), generator=generator,
+                                  dtype=torch.float64) * 2 - 1
             alphas, betas = _lanczos(matvec, start, n_iter)
             theta, u = torch.linalg.eigh(_tridiagonal(alphas, betas))
             nodes.append(theta)
@@ -205,8 +204,10 @@ def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], lis
 
     Returns the diagonal ``alphas`` and off-diagonal ``betas`` of T (len(betas) ==
     len(alphas) - 1). Each new direction is orthogonalised against all previous ones twice
-    (classical Gram-Schmidt, "twice is enough"). Stops early when the residual norm is
-    negligible (an invariant subspace has been found) or after ``len(start)`` steps.
+    (classical Gram-Schmidt, "twice is enough"). Stops early when the residual norm falls
+    below 10 float32 epsilons (the usual precision of the products) times the largest entry
+    of T so far, i.e. an invariant subspace has been found, or after ``len(start)`` steps.
+    ``start`` need not be normalised.
     """
     steps = min(n_iter, start.numel())
     basis = torch.empty(steps, start.numel(), dtype=torch.float64)
@@ -240,12 +241,12 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
 
 def _hvp_flat(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_samples: int,
               v: torch.Tensor) -> torch.Tensor:
-    """H v as a flat float64 vector, summing size-weighted per-batch products.
+    """H v as a flat float64 vector on ``v``'s device, summing size-weighted per-batch products.
 
     Uses ``torch.autograd.grad`` throughout, so no ``.grad`` is written. Parameters that do not
     reach the loss get zero rows.
     """
-    pieces = [chunk.view_as(p).to(p.dtype)
+    pieces = [chunk.view_as(p).to(p)
               for chunk, p in zip(v.split([p.numel() for p in params]), params)]
     total = [torch.zeros_like(p) for p in params]
     device = params[0].device
@@ -261,7 +262,7 @@ def _hvp_flat(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_
                                        allow_unused=True, materialize_grads=True)
         for acc, product in zip(total, products):
             acc.add_(product)
-    return torch.cat([t.reshape(-1) for t in total]).to(torch.float64)
+    return torch.cat([t.reshape(-1) for t in total]).to(v.device, torch.float64)
 
 
 class _CountingHessian(pyhessian.hessian):

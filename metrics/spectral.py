@@ -93,15 +93,18 @@ def layer_matrices(module: nn.Module) -> list[tuple[str, list[Tensor]]]:
     return layers
 
 
-def _check_matrices(matrices: list[Tensor]) -> None:
-    """Raise ValueError unless ``matrices`` is a non-empty list of finite 2-D tensors."""
+def _check_matrices(matrices: list[Tensor], label: str = "a") -> None:
+    """Raise ValueError unless ``matrices`` is a non-empty list of finite 2-D tensors.
+
+    ``label`` names the matrices' owner in the message (e.g. "layer 'fc1'").
+    """
     if isinstance(matrices, Tensor) or not len(matrices):
         raise ValueError("expected a non-empty list of 2-D tensors")
     for m in matrices:
         if not isinstance(m, Tensor) or m.ndim != 2 or m.numel() == 0:
             raise ValueError(f"expected non-empty 2-D tensors, got {getattr(m, 'shape', m)!r}")
         if not torch.isfinite(m).all():
-            raise ValueError(f"a {tuple(m.shape)} weight matrix has non-finite entries")
+            raise ValueError(f"{label} {tuple(m.shape)} weight matrix has non-finite entries")
 
 
 def _svdvals(matrices: list[Tensor]) -> list[np.ndarray]:
@@ -397,8 +400,8 @@ def spectral_metrics_many(
     per_module = [layer_matrices(module) for module in modules]
     groups = []
     for layers in per_module:
-        for _, matrices in layers:
-            _check_matrices(matrices)
+        for name, matrices in layers:
+            _check_matrices(matrices, f"layer {name!r}:")
             groups.append(matrices)
             if farms_window is not None:
                 groups.append(

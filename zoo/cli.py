@@ -111,7 +111,7 @@ def cmd_generate(args) -> int:
     store = Store(args.root or default_root(), create=True)
     report = generate(zoo_config, store, options, progress=not args.no_progress)
     if report.planned == 0:
-        print(f"{report.zoo}: all {report.grid_size} models already stored in {store.root}", file=sys.stderr)
+        print(f"{report.zoo}: all {report.n_models} models already stored in {store.root}", file=sys.stderr)
     else:
         print(
             f"{report.zoo}: trained {report.trained}, skipped {report.skipped}, failed {len(report.failed)} "

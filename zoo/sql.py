@@ -41,7 +41,8 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
     for statement in statements:
         if statement.type not in READ_ONLY:
             kind = statement.type.name
-            raise ZooError(f"refused: zoo sql is read-only ({kind} statements are not allowed)")
+            hint = " (a PIVOT needs an explicit list: ON col IN (v1, v2, ...))" if kind == "MULTI" else ""
+            raise ZooError(f"refused: zoo sql is read-only ({kind} statements are not allowed){hint}")
 
 
 def run_query(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> pd.DataFrame:
