@@ -29,7 +29,7 @@ class JobReport:
     failed: dict[str, str] = field(default_factory=dict)  # model_id -> error
 
 
-def train_and_store(root: str, specs: list[str], threads: int = 1) -> JobReport:
+def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
     """Train and store the models whose JSON specs are given, skipping those already stored.
 
     `threads` fixes torch's intra-op threads (1 by default: results then do not depend on how
@@ -40,7 +40,7 @@ def train_and_store(root: str, specs: list[str], threads: int = 1) -> JobReport:
         store = Store(root, create=True)
         report = JobReport()
         job_id = os.environ.get("SLURM_JOB_ID", os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
-        for text in specs:
+        for text in items:
             spec = ModelSpec.from_json(text)
             model_id = spec.model_id
             if store.part_path("models", spec.zoo, model_id).exists():

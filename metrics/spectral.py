@@ -260,7 +260,7 @@ def layer_spectral_metrics(eigs: np.ndarray) -> dict[str, float]:
     * ``alpha_weighted`` = alpha * log10(lambda_max).
     * ``log_norm`` = log10(sum lambda) (log squared Frobenius norm).
     * ``log_spectral_norm`` = log10(lambda_max).
-    * ``log_alpha_norm`` = log10(sum lambda^alpha) (Schatten alpha-norm, to the power alpha).
+    * ``log_alpha_norm`` = log10(sum lambda^alpha) (= ||W||_{2 alpha}^{2 alpha}, a Schatten norm).
     * ``stable_rank`` = sum lambda / lambda_max.
     * ``entropy``: normalised spectral entropy -sum p ln p / ln(r), with p = lambda / sum
       lambda over the r eigenvalues > 1e-5 (r is the rank at that absolute threshold;

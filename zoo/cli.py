@@ -3,6 +3,9 @@
     zoo catalog                      the zoos, their grid sizes, how many models are stored
     zoo generate ZOO                 train what the root lacks (local, debug or slurm executor)
     zoo sql "SELECT ..."             read-only SQL over the root
+    zoo metrics ZOO                  loss-landscape, spectral and weight-space metrics of every model
+    zoo phases ZOO                   label each cell of the grid I, II, III, IV-A or IV-B
+    zoo plot ZOO --metric M --out F  phase diagram of a metric
 
 Every command takes --catalog FILE (env ZOO_CATALOG) and --root DIR (env ZOO_ROOT, default
 ./zoo-data). A bad input prints one line `zoo: error: ...` and exits with status 2.
@@ -35,13 +38,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", parents=[common], help="train the models of a zoo that the root lacks")
     g.add_argument("zoo")
-    g.add_argument("--executor", default="local", help="local (default), debug (in-process) or slurm")
-    g.add_argument("--workers", type=int, default=None, help="concurrent local jobs (default: all cores)")
     g.add_argument("--models-per-job", type=int, default=None, metavar="K", help="models trained by one job")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train at most N missing models")
-    g.add_argument("--jobs-dir", type=Path, default=None, help="submitit's scratch folder (env ZOO_JOBS_DIR)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    slurm = g.add_argument_group("SLURM (override the catalog's `launch:` settings)")
+    _launch_arguments(g)
+
+    m = sub.add_parser("metrics", parents=[common], help="compute and store metrics for every stored model")
+    m.add_argument("zoo")
+    m.add_argument("--epoch", default="final", help="final (default), all (every checkpoint) or an epoch number")
+    m.add_argument("--only", metavar="FAMILY,...", help="families to compute (default all)")
+    _launch_arguments(m)
+
+    p = sub.add_parser("phases", parents=[common], help="label the cells of a zoo's grid with phases")
+    p.add_argument("zoo")
+    p.add_argument("--epoch", default="final", help="final (default) or an epoch number")
+
+    pl = sub.add_parser("plot", parents=[common], help="draw the load x temperature diagram of a metric")
+    pl.add_argument("zoo")
+    pl.add_argument("--metric", required=True)
+    pl.add_argument("--epoch", default="final")
+    pl.add_argument("--phases", action="store_true", help="overlay the phase labels")
+    pl.add_argument("--out", type=Path, required=True, metavar="FILE.png|FILE.svg")
+
+    q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
+    q.add_argument("query")
+    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument("--out", type=Path, help="write to FILE instead of standard output (required for parquet)")
+    return parser
+
+
+def _launch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", default="local", help="local (default), debug (in-process) or slurm")
+    parser.add_argument("--workers", type=int, default=None, help="concurrent local jobs (default: all cores)")
+    parser.add_argument("--jobs-dir", type=Path, default=None, help="submitit's scratch folder (env ZOO_JOBS_DIR)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    slurm = parser.add_argument_group("SLURM (override the catalog's `launch:` settings)")
     slurm.add_argument("--partition")
     slurm.add_argument("--gpus-per-node", type=int)
     slurm.add_argument("--cpus-per-task", type=int)
@@ -53,11 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--array-parallelism", type=int)
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch argument (repeatable)")
 
-    q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
-    q.add_argument("query")
-    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
-    q.add_argument("--out", type=Path, help="write to FILE instead of standard output (required for parquet)")
-    return parser
+
+def _launch_options(args, zoo_config, **extra):
+    from zoo.launch import LaunchOptions
+
+    overrides = {
+        key: getattr(args, key)
+        for key in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos", "constraint", "array_parallelism")
+        if getattr(args, key) is not None
+    }
+    if args.sbatch:
+        pairs = [item.split("=", 1) for item in args.sbatch]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise ZooError("--sbatch takes KEY=VALUE")
+        overrides["extra"] = {**zoo_config.launch.extra, **dict(pairs)}
+    try:
+        launch = type(zoo_config.launch).model_validate({**zoo_config.launch.model_dump(), **overrides})
+    except Exception as e:
+        raise ZooError(f"bad SLURM option: {str(e).splitlines()[-1].strip()}") from None
+    options = LaunchOptions(executor=args.executor, jobs_dir=args.jobs_dir, slurm=launch, **extra)
+    if args.workers is not None:
+        options.workers = args.workers
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,27 +134,10 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from generators.launcher import LaunchOptions, generate
+    from generators.launcher import generate
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
-    overrides = {
-        key: getattr(args, key)
-        for key in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos", "constraint", "array_parallelism")
-        if getattr(args, key) is not None
-    }
-    if args.sbatch:
-        pairs = [item.split("=", 1) for item in args.sbatch]
-        if any(len(p) != 2 or not p[0] for p in pairs):
-            raise ZooError("--sbatch takes KEY=VALUE")
-        overrides["extra"] = {**zoo_config.launch.extra, **dict(pairs)}
-    try:
-        launch = zoo_config.launch.model_copy(update=overrides)
-        launch = type(launch).model_validate(launch.model_dump())
-    except Exception as e:
-        raise ZooError(f"bad SLURM option: {str(e).splitlines()[-1].strip()}") from None
-    options = LaunchOptions(executor=args.executor, models_per_job=args.models_per_job, limit=args.limit, jobs_dir=args.jobs_dir, slurm=launch)
-    if args.workers is not None:
-        options.workers = args.workers
+    options = _launch_options(args, zoo_config, items_per_job=args.models_per_job, limit=args.limit)
     store = Store(args.root or default_root(), create=True)
     report = generate(zoo_config, store, options, progress=not args.no_progress)
     if report.planned == 0:
@@ -152,4 +182,68 @@ def cmd_sql(args) -> int:
     return 0
 
 
-COMMANDS = {"catalog": cmd_catalog, "generate": cmd_generate, "sql": cmd_sql}
+def cmd_metrics(args) -> int:
+    from metrics.runner import run_metrics
+
+    zoo_config = load_catalog(args.catalog)[args.zoo]
+    options = _launch_options(args, zoo_config)
+    families = [f.strip() for f in args.only.split(",") if f.strip()] if args.only else None
+    store = Store(args.root or default_root())
+    Store(store.root, create=True)  # tables added since the root was made
+    report = run_metrics(zoo_config, store, families, args.epoch, options, progress=not args.no_progress)
+    for warning in report.warnings[:20]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(report.warnings) > 20:
+        print(f"warning: ... and {len(report.warnings) - 20} more", file=sys.stderr)
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds_by_family.items())
+    print(f"{args.zoo}: computed {report.computed}, skipped {report.skipped} (already stored); {timing}", file=sys.stderr)
+    for error in report.failed_jobs[:5]:
+        print(f"  {error}", file=sys.stderr)
+    return 1 if report.failed_jobs else 0
+
+
+def cmd_phases(args) -> int:
+    from metrics.phases import PhaseRules, label_cells, phase_grid, store_cells
+    from metrics.runner import select_epochs
+
+    from .api import Zoo
+
+    zoo_config = load_catalog(args.catalog)[args.zoo]
+    epoch = select_epochs(zoo_config, args.epoch)[0] if args.epoch != "all" else None
+    if epoch is None:
+        raise ZooError("zoo phases takes --epoch final or an epoch number")
+    rules = PhaseRules.from_catalog(zoo_config.metrics)
+    handle = Zoo(args.root)
+    cells = label_cells(handle, zoo_config.name, epoch, rules)
+    store_cells(handle.store, cells)
+    grid = phase_grid(cells)
+    print(f"{zoo_config.name}, epoch {epoch}: rows {zoo_config.load.name} (load), columns {zoo_config.temperature.name} (temperature)")
+    print(grid.to_string())
+    counts = cells["phase"].fillna("?").value_counts()
+    print("cells per phase: " + ", ".join(f"{p} {n}" for p, n in counts.items()))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from metrics.plots import plot_phase_diagram
+    from metrics.runner import select_epochs
+
+    from .api import Zoo
+
+    zoo_config = load_catalog(args.catalog)[args.zoo]
+    if args.epoch == "all":
+        raise ZooError("zoo plot takes --epoch final or an epoch number")
+    epoch = select_epochs(zoo_config, args.epoch)[0]
+    out = plot_phase_diagram(Zoo(args.root), zoo_config.name, args.metric, epoch, args.out, phases=args.phases)
+    print(out)
+    return 0
+
+
+COMMANDS = {
+    "catalog": cmd_catalog,
+    "generate": cmd_generate,
+    "sql": cmd_sql,
+    "metrics": cmd_metrics,
+    "phases": cmd_phases,
+    "plot": cmd_plot,
+}

@@ -92,6 +92,70 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("kind", pa.string()),
         ]
     ),
+    "metrics": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("zoo", pa.string()),
+            ("epoch", pa.int32()),
+            ("family", pa.string()),
+            ("name", pa.string()),
+            ("value", pa.float64()),
+            ("settings_hash", pa.string()),
+            ("settings", pa.string()),
+        ]
+    ),
+    "layer_metrics": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("zoo", pa.string()),
+            ("epoch", pa.int32()),
+            ("family", pa.string()),
+            ("layer", pa.string()),
+            ("name", pa.string()),
+            ("value", pa.float64()),
+            ("settings_hash", pa.string()),
+        ]
+    ),
+    "pair_metrics": pa.schema(
+        [
+            ("model_a", pa.string()),
+            ("model_b", pa.string()),
+            ("zoo", pa.string()),
+            ("epoch", pa.int32()),
+            ("family", pa.string()),
+            ("name", pa.string()),
+            ("value", pa.float64()),
+            ("settings_hash", pa.string()),
+            ("settings", pa.string()),
+        ]
+    ),
+    "densities": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("zoo", pa.string()),
+            ("epoch", pa.int32()),
+            ("split", pa.string()),
+            ("eigenvalue", pa.float64()),
+            ("weight", pa.float64()),
+            ("settings_hash", pa.string()),
+        ]
+    ),
+    "cells": pa.schema(
+        [
+            ("zoo", pa.string()),
+            ("epoch", pa.int32()),
+            ("load_name", pa.string()),
+            ("load", pa.float64()),
+            ("temperature_name", pa.string()),
+            ("temperature", pa.float64()),
+            ("n_models", pa.int64()),
+            ("n_pairs", pa.int64()),
+            ("phase", pa.string()),
+            ("phase_margin", pa.float64()),
+            ("phase_agreement", pa.float64()),
+            ("rules", pa.string()),
+        ]
+    ),
     "failures": pa.schema(
         [
             ("model_id", pa.string()),
@@ -162,6 +226,14 @@ class Store:
 
     def remove_part(self, table: str, zoo: str, key: str) -> None:
         self.part_path(table, zoo, key).unlink(missing_ok=True)
+
+    def remove_parts_like(self, table: str, zoo: str, prefix: str, keep: str) -> None:
+        """Remove the parts whose key starts with `prefix`, except `keep` (a result recomputed
+        with other settings replaces the old one once the new part is in place)."""
+        folder = self.table_dir(table) / safe_name("zoo name", zoo)
+        for path in folder.glob(f"{safe_name('key', prefix)}*.parquet") if folder.is_dir() else ():
+            if path.name != f"{keep}.parquet":
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _write_atomic(path: Path, data: pa.Table) -> None:

@@ -1,0 +1,247 @@
+"""`zoo metrics`: compute the metric families for every stored model of a zoo, cell by cell.
+
+The unit of work is a cell of the grid (its seeds are needed together for pair metrics and
+partner distances), launched through the same submitit launcher as generation. Each result is
+one part file per (family, model or pair, epoch) whose name carries the hash of its settings:
+what is stored with identical settings is skipped, a result recomputed with other settings
+replaces the old one, and a killed run resumes where it stopped.
+
+A model with NaN or inf weights gets NaN rows and a warning; a family that raises on one model
+gets NaN rows for that model and a warning. Neither stops the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+import zoo
+from zoo.catalog import ZooConfig
+from zoo.errors import ZooError
+from zoo.launch import LaunchOptions, run_jobs
+from zoo.storage import SCHEMAS, Store
+
+from .families import FAMILIES, Family, ModelContext, Result, get_families, settings_hash
+
+
+@dataclass
+class MetricsReport:
+    computed: int = 0
+    skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
+    seconds_by_family: dict[str, float] = field(default_factory=dict)
+    failed_jobs: list[str] = field(default_factory=list)
+
+    def merge(self, other: "MetricsReport") -> None:
+        self.computed += other.computed
+        self.skipped += other.skipped
+        self.warnings += other.warnings
+        for name, seconds in other.seconds_by_family.items():
+            self.seconds_by_family[name] = self.seconds_by_family.get(name, 0.0) + seconds
+
+
+def versions() -> dict[str, str]:
+    out = {"zoo": zoo.code_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for package in ("pyhessian", "scipy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def part_key(family: str, ids: list[str], epoch: int, digest: str) -> str:
+    return f"{family}-{'-'.join(ids)}-e{epoch}-{digest}"
+
+
+def compute_cells(root: str, items: list[str], families: list[str], settings: dict[str, dict], threads: int = 1) -> MetricsReport:
+    """Job function: compute `families` for the cells described by `items` (JSON: zoo, epoch,
+    model ids in seed order) and store them. Idempotent."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        handle = zoo.open(root)
+        report = MetricsReport()
+        record = versions()
+        for text in items:
+            cell = json.loads(text)
+            for family in get_families(families):
+                resolved = family.resolve(settings.get(family.name))
+                started = time.perf_counter()
+                _compute_family(handle, cell, family, resolved, record, report)
+                report.seconds_by_family[family.name] = report.seconds_by_family.get(family.name, 0.0) + time.perf_counter() - started
+        return report
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compute_family(handle, cell: dict, family: Family, settings, record: dict, report: MetricsReport) -> None:
+    store, zoo_name, epoch = handle.store, cell["zoo"], cell["epoch"]
+    digest = settings_hash(family.name, settings)
+    settings_json = json.dumps({"family": family.name, "settings": settings.model_dump(), "versions": record}, default=str)
+    contexts = [ModelContext(handle, model_id, epoch) for model_id in cell["models"]]
+    for ctx in contexts:
+        ctx.partners = [c for c in contexts if c is not ctx]
+    if family.level == "model":
+        todo = [c for c in contexts if not store.part_path("metrics", zoo_name, part_key(family.name, [c.model_id], epoch, digest)).exists()]
+        report.skipped += len(contexts) - len(todo)
+        if not todo:
+            return
+        results = _model_results(family, settings, todo, report)
+        for ctx, result in zip(todo, results):
+            _write_model_result(store, zoo_name, family, ctx, epoch, result, digest, settings_json)
+            report.computed += 1
+        return
+    for a, b in itertools.combinations(contexts, 2):
+        key = part_key(family.name, [a.model_id, b.model_id], epoch, digest)
+        if store.part_path("pair_metrics", zoo_name, key).exists():
+            report.skipped += 1
+            continue
+        values = _pair_values(family, settings, a, b, report)
+        rows = [{"model_a": a.model_id, "model_b": b.model_id, "zoo": zoo_name, "epoch": epoch, "family": family.name,
+                 "name": name, "value": values.get(name, np.nan), "settings_hash": digest, "settings": settings_json}
+                for name in family.names(settings)]
+        store.write_part("pair_metrics", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["pair_metrics"]))
+        store.remove_parts_like("pair_metrics", zoo_name, part_key(family.name, [a.model_id, b.model_id], epoch, ""), keep=key)
+        report.computed += 1
+
+
+def _model_results(family: Family, settings, contexts: list[ModelContext], report: MetricsReport) -> list[Result]:
+    """The family's results, NaN for models with non-finite weights and for models it raised on."""
+    finite = [c for c in contexts if _finite(family, [c], report)]
+    results: dict[str, Result] = {}
+    try:
+        results = dict(zip([c.model_id for c in finite], family.compute(finite, settings))) if finite else {}
+    except Exception:  # retry one by one, so that one bad model does not take its cell down
+        for ctx in finite:
+            try:
+                results[ctx.model_id] = family.compute([ctx], settings)[0]
+            except Exception as e:
+                _warn_failed(family, [ctx], e, report)
+    return [results.get(c.model_id) or Result({n: np.nan for n in family.names(settings)}) for c in contexts]
+
+
+def _pair_values(family: Family, settings, a: ModelContext, b: ModelContext, report: MetricsReport) -> dict[str, float]:
+    if not _finite(family, [a, b], report):
+        return {}
+    try:
+        return family.compute(a, b, settings)
+    except Exception as e:
+        _warn_failed(family, [a, b], e, report)
+        return {}
+
+
+def _finite(family: Family, contexts: list[ModelContext], report: MetricsReport) -> bool:
+    if family.name == "performance" or all(c.finite for c in contexts):
+        return True
+    ids = ", ".join(c.model_id for c in contexts)
+    report.warnings.append(f"{ids} epoch {contexts[0].epoch}: non-finite weights, {family.name} metrics are NaN")
+    return False
+
+
+def _warn_failed(family: Family, contexts: list[ModelContext], error: Exception, report: MetricsReport) -> None:
+    ids = ", ".join(c.model_id for c in contexts)
+    report.warnings.append(f"{ids} epoch {contexts[0].epoch}: {family.name} failed ({type(error).__name__}: {error}); stored NaN")
+    traceback.print_exc(file=sys.stderr)
+
+
+def _write_model_result(store: Store, zoo_name: str, family: Family, ctx: ModelContext, epoch: int, result: Result,
+                        digest: str, settings_json: str) -> None:
+    key = part_key(family.name, [ctx.model_id], epoch, digest)
+    base = {"model_id": ctx.model_id, "zoo": zoo_name, "epoch": epoch, "family": family.name, "settings_hash": digest}
+    if result.layers:
+        rows = [{**base, "layer": layer, "name": name, "value": float(value)}
+                for layer, values in result.layers.items() for name, value in values.items()]
+        store.write_part("layer_metrics", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["layer_metrics"]))
+    if result.densities:
+        rows = [{"model_id": ctx.model_id, "zoo": zoo_name, "epoch": epoch, "split": split, "eigenvalue": e, "weight": w,
+                 "settings_hash": digest} for split, e, w in result.densities]
+        store.write_part("densities", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["densities"]))
+    rows = [{**base, "name": name, "value": float(value), "settings": settings_json} for name, value in result.metrics.items()]
+    store.write_part("metrics", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["metrics"]))  # the commit
+    prefix = part_key(family.name, [ctx.model_id], epoch, "")
+    for table in ("metrics", "layer_metrics", "densities"):
+        store.remove_parts_like(table, zoo_name, prefix, keep=key)
+
+
+# --- orchestration -------------------------------------------------------------------------
+
+
+def select_epochs(config: ZooConfig, epoch: str) -> list[int]:
+    """'final' -> the last epoch, 'all' -> every checkpoint, or one checkpoint epoch."""
+    if epoch == "final":
+        return [config.training.epochs]
+    if epoch == "all":
+        return sorted(config.checkpoints)
+    try:
+        value = int(epoch)
+    except ValueError:
+        raise ZooError(f"--epoch takes final, all or an epoch number, not {epoch!r}") from None
+    if value not in config.checkpoints:
+        raise ZooError(f"epoch {value} is not a checkpoint of {config.name}; checkpoints: {sorted(config.checkpoints)}")
+    return [value]
+
+
+def plan_cells(handle, config: ZooConfig, epochs: list[int]) -> list[str]:
+    models = handle.sql("select model_id, load, temperature, seed from models where zoo = ? order by load, temperature, seed", [config.name])
+    if models.empty:
+        raise ZooError(f"zoo {config.name!r} has no stored models in {handle.root}; run `zoo generate {config.name}` first")
+    items = []
+    for (load, temperature), group in models.groupby(["load", "temperature"], sort=True):
+        for epoch in epochs:
+            items.append(json.dumps({"zoo": config.name, "load": load, "temperature": temperature, "epoch": epoch,
+                                     "models": list(group["model_id"])}))
+    return items
+
+
+def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epoch: str, options: LaunchOptions,
+                progress: bool = True) -> MetricsReport:
+    """Compute and store the chosen families (default all) for every stored model of `config`."""
+    chosen = get_families(families)
+    overrides = {k: v for k, v in config.metrics.items() if k in FAMILIES}
+    for family in chosen:
+        family.resolve(overrides.get(family.name))  # a bad setting fails here, before any job
+    handle = zoo.open(store.root)
+    items = plan_cells(handle, config, select_epochs(config, epoch))
+    total = sum(
+        len(json.loads(i)["models"]) if f.level == "model" else len(json.loads(i)["models"]) * (len(json.loads(i)["models"]) - 1) // 2
+        for i in items for f in chosen
+    )
+    report = MetricsReport()
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc=f"metrics {config.name}", unit="result", disable=not progress, dynamic_ncols=True)
+    digests = {f.name: settings_hash(f.name, f.resolve(overrides.get(f.name))) for f in chosen}
+
+    def show_progress() -> None:
+        done = 0
+        for table in ("metrics", "pair_metrics"):
+            names = store.stored_ids(table, config.name)
+            done += sum(1 for n in names for f in chosen if n.startswith(f"{f.name}-") and n.endswith(f"-{digests[f.name]}"))
+        done = min(done, total)
+        if done != bar.n:
+            bar.update(done - bar.n)
+
+    try:
+        outcomes = run_jobs(compute_cells, items, options, f"metrics-{config.name}",
+                            kwargs={"root": str(store.root), "families": [f.name for f in chosen], "settings": overrides},
+                            on_poll=show_progress)
+    finally:
+        bar.close()
+    for outcome in outcomes:
+        if outcome.error is not None:
+            report.failed_jobs.append(outcome.error)
+        else:
+            report.merge(outcome.result)
+    store.write_index()
+    report.seconds_by_family["total"] = time.perf_counter() - started
+    return report

@@ -1,0 +1,159 @@
+"""Run work items as submitit jobs, with a concurrency cap and a progress bar: the one launcher
+that generation and metrics share.
+
+Executors: `local` (default; worker processes on this machine, at most `workers` at once),
+`debug` (in this process, one job after another; for tests and debugging) and `slurm` (a job
+array with a parallelism cap). Work items are JSON strings; a job function receives the root,
+a list of items and fixed keyword arguments, and must be idempotent (SLURM may run a job twice).
+
+submitit pickles each job's function and arguments into the jobs folder and reads its results
+back from there; that folder is our own scratch space, kept outside the zoo root (a zoo root
+never holds pickles), under `--jobs-dir` / env ZOO_JOBS_DIR, default ~/.cache/zoo/jobs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from .catalog import Launch
+from .errors import ZooError
+
+EXECUTORS = ("local", "debug", "slurm")
+
+
+@dataclass
+class LaunchOptions:
+    executor: str = "local"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    items_per_job: int | None = None
+    limit: int | None = None
+    jobs_dir: Path | None = None
+    slurm: Launch = field(default_factory=Launch)
+    poll_seconds: float = 0.5
+
+    def check(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ZooError(f"unknown executor {self.executor!r}; known: {', '.join(EXECUTORS)}")
+        if self.workers < 1:
+            raise ZooError("--workers must be at least 1")
+        if self.items_per_job is not None and self.items_per_job < 1:
+            raise ZooError("--models-per-job must be at least 1")
+
+
+@dataclass
+class JobOutcome:
+    items: list[str]
+    result: Any = None
+    error: str | None = None  # the job as a whole died (killed, out of memory, node failure)
+
+
+def run_jobs(
+    function: Callable[..., Any],
+    items: list[str],
+    options: LaunchOptions,
+    name: str,
+    kwargs: dict | None = None,
+    on_poll: Callable[[], None] | None = None,
+) -> list[JobOutcome]:
+    """Split `items` into jobs, run `function(items=chunk, **kwargs)` for each through submitit,
+    and return every job's outcome. `on_poll` is called between polls (to move a progress bar).
+    The jobs folder is removed when every job succeeded."""
+    options.check()
+    if not items:
+        return []
+    chunks = _chunks(items, _items_per_job(options, len(items)))
+    folder = _run_dir(options, name)
+    executor = _executor(options, folder)
+    kwargs = kwargs or {}
+    outcomes: list[JobOutcome] = []
+    running: list[tuple[Any, list[str]]] = []
+    queue = list(chunks)
+    if options.executor == "slurm":
+        with executor.batch():
+            running = [(executor.submit(function, items=chunk, **kwargs), chunk) for chunk in queue]
+        queue = []
+    limit = options.workers if options.executor == "local" else 1
+    while queue or running:
+        while queue and len(running) < limit:
+            chunk = queue.pop(0)
+            running.append((executor.submit(function, items=chunk, **kwargs), chunk))
+        for job, chunk in [r for r in running if _finished(r[0])]:
+            running.remove((job, chunk))
+            outcomes.append(_outcome(job, chunk))
+        if on_poll:
+            on_poll()
+        if running:
+            time.sleep(options.poll_seconds)
+    if all(o.error is None for o in outcomes):
+        shutil.rmtree(folder, ignore_errors=True)
+    return outcomes
+
+
+def _items_per_job(options: LaunchOptions, n: int) -> int:
+    if options.items_per_job is not None:
+        return options.items_per_job
+    if options.executor == "local":
+        return math.ceil(n / options.workers)  # one job per worker: torch is imported once per job
+    if options.executor == "slurm":
+        return options.slurm.models_per_job or 1
+    return 1
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    """Split round-robin, so each job gets a similar mix of cheap and expensive items."""
+    n_jobs = math.ceil(len(items) / size)
+    return [items[i::n_jobs] for i in range(n_jobs)]
+
+
+def _run_dir(options: LaunchOptions, name: str) -> Path:
+    base = Path(options.jobs_dir or os.environ.get("ZOO_JOBS_DIR") or Path.home() / ".cache" / "zoo" / "jobs")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return base / f"{name}-{stamp}-{os.getpid()}"
+
+
+def _executor(options: LaunchOptions, folder: Path):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=options.executor)
+    s = options.slurm
+    if options.executor == "slurm":
+        optional = {
+            "slurm_partition": s.partition,
+            "mem_gb": s.mem_gb,
+            "slurm_account": s.account,
+            "slurm_qos": s.qos,
+            "slurm_constraint": s.constraint,
+            "slurm_additional_parameters": dict(s.extra) or None,
+        }
+        executor.update_parameters(
+            timeout_min=s.timeout_min,
+            gpus_per_node=s.gpus_per_node,
+            cpus_per_task=s.cpus_per_task,
+            slurm_array_parallelism=s.array_parallelism,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
+    elif options.executor == "local":
+        executor.update_parameters(timeout_min=s.timeout_min)
+    return executor
+
+
+def _finished(job) -> bool:
+    try:
+        return job.done()
+    except Exception:  # the debug executor runs the job inside done() and may raise there
+        return True
+
+
+def _outcome(job, chunk: list[str]) -> JobOutcome:
+    try:
+        return JobOutcome(chunk, result=job.result())
+    except Exception as e:
+        text = str(e).strip()
+        return JobOutcome(chunk, error=f"job {job.job_id} failed: {text.splitlines()[-1] if text else type(e).__name__}")
