@@ -7,7 +7,14 @@ with respect to the trainable parameters, in ``named_parameters()`` order, with 
 each submodule's training flag and the parameters' ``.grad`` as they were before the call.
 
 - Top eigenvalues (power iteration) and trace (Hutchinson) go through PyHessian
-  (Yao et al. 2020, "PyHessian: Neural Networks Through the Lens of the Hessian").
+  (Yao et al. 2020, "PyHessian: Neural Networks Through the Lens of the Hessian"): the
+  published zoos' protocol.
+- The accurate path, written here because PyHessian stops on relative change (it returns the
+  second eigenvalue when the top two are close, and its trace stops after a few noisy probes):
+  top eigenvalues by Lanczos (Ritz values converge to the extreme eigenvalues in far fewer
+  products than power iteration) and the trace by Hutch++ (Meyer, Musco, Musco & Woodruff 2021:
+  the trace of a low-rank sketch, exact, plus Hutchinson on the deflated rest; variance O(1/m^2)
+  instead of O(1/m) for m products).
 - The spectral density is stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019,
   "An Investigation into Neural Net Optimization via Hessian Eigenvalue Density"), written
   here because PyHessian 0.1's ``density()`` calls ``torch.eig``, which torch removed.
@@ -180,6 +187,72 @@ def hessian_density(model: nn.Module, batches: Batches, n_iter: int = 100, n_v: 
                           weights=torch.cat(weights).numpy(), n_iter=n_iter, n_v=n_v,
                           seed=seed, n_samples=n_samples, n_params=n_params,
                           iterations=iterations)
+
+
+def lanczos_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1, n_iter: int = 40,
+                            seed: int = 0) -> TopEigenvalues:
+    """The ``top_n`` largest Ritz values after ``n_iter`` Lanczos steps (full reorthogonalisation)
+    from one Rademacher start vector: the top eigenvalues of the Hessian, converged far sooner
+    than power iteration when the top two are close. Exact once ``n_iter`` reaches the parameter
+    count. ``iterations`` is the number of Hessian-vector products taken."""
+    _check_positive_int(top_n, "top_n")
+    _check_positive_int(n_iter, "n_iter")
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    n_params = sum(p.numel() for p in params)
+    if top_n > n_params:
+        raise ValueError(f"top_n ({top_n}) exceeds the number of parameters ({n_params})")
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 2, (n_params,), generator=generator, dtype=torch.float64) * 2 - 1
+    with _eval_mode(model):
+        alphas, betas = _lanczos(lambda v: _hvp_flat(model, params, batches, n_samples, v), start, max(n_iter, top_n))
+    ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas)).flip(0)
+    return TopEigenvalues(eigenvalues=[float(r) for r in ritz[:top_n]], top_n=top_n, max_iter=n_iter, tol=0.0,
+                          seed=seed, n_samples=n_samples, iterations=len(alphas))
+
+
+def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: float = 0.01,
+                  max_probes: int = 300, min_probes: int = 10, seed: int = 0) -> HessianTrace:
+    """tr(H) by Hutch++ with a variance-based stop.
+
+    A sketch of ``sketch`` Rademacher vectors gives Q = orth(H S); tr(Q^T H Q) is exact on that
+    subspace. The rest, tr((I - QQ^T) H (I - QQ^T)), is estimated by Hutchinson probes projected
+    off Q, drawn in blocks until the standard error of the total falls below ``tol`` times its
+    magnitude, or ``max_probes`` are used (never fewer than ``min_probes``). Exact when the
+    sketch reaches the parameter count. ``vhv`` holds the deflated probe values, ``n_probes``
+    the Hessian-vector products used (2 * sketch + probes)."""
+    _check_positive_int(sketch, "sketch")
+    _check_positive_int(max_probes, "max_probes")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    n_params = sum(p.numel() for p in params)
+    generator = torch.Generator().manual_seed(seed)
+
+    def rademacher(columns: int) -> torch.Tensor:
+        return torch.randint(0, 2, (n_params, columns), generator=generator, dtype=torch.float64) * 2 - 1
+
+    with _eval_mode(model):
+        def apply(block: torch.Tensor) -> torch.Tensor:
+            return torch.stack([_hvp_flat(model, params, batches, n_samples, block[:, i].contiguous())
+                                for i in range(block.shape[1])], dim=1)
+
+        q, _ = torch.linalg.qr(apply(rademacher(min(sketch, n_params))))
+        low_rank = float(torch.trace(q.T @ apply(q)))
+        vhv: list[float] = []
+        exhausted = q.shape[1] >= n_params  # the sketch spans everything: the trace is exact
+        while not exhausted and len(vhv) < max_probes:
+            block = rademacher(min(10, max_probes - len(vhv)))
+            block = block - q @ (q.T @ block)
+            vhv += (block * apply(block)).sum(0).tolist()
+            if len(vhv) >= max(min_probes, 2):
+                stderr = float(np.std(vhv, ddof=1) / np.sqrt(len(vhv)))
+                if stderr <= tol * abs(low_rank + float(np.mean(vhv))):
+                    break
+    rest = float(np.mean(vhv)) if vhv else 0.0
+    return HessianTrace(trace=low_rank + rest, vhv=vhv, n_probes=2 * q.shape[1] + len(vhv),
+                        max_iter=max_probes, tol=tol, seed=seed, n_samples=n_samples)
 
 
 def hvp(model: nn.Module, batches: Batches, v: torch.Tensor) -> torch.Tensor:

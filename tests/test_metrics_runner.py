@@ -1,0 +1,188 @@
+"""`zoo metrics`, `zoo phases`, `zoo plot` on stored zoos: exactness, resumption, bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.func import functional_call
+
+import zoo
+from metrics.phases import PhaseRules, label
+from metrics.runner import run_metrics
+from zoo.catalog import load_catalog, parse_zoo
+from zoo.cli import main
+from zoo.errors import ZooError
+from zoo.launch import LaunchOptions
+from zoo.storage import Store
+
+from .conftest import REPO
+
+CHEAP = {
+    "hessian": {"max_iter": 20, "density_iter": 8, "train_samples": 128, "test_samples": 128},
+    "connectivity": {"bezier_epochs": 2},
+    "spectral": {"farms_window": [8, 16]},
+}
+
+
+def smoke_with(metrics: dict):
+    return load_catalog(REPO / "catalog.yaml")["smoke"].model_copy(update={"metrics": metrics})
+
+
+@pytest.fixture(scope="module")
+def metrics_root(smoke_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics") / "root"
+    shutil.copytree(smoke_root, root)
+    store = Store(root, create=True)
+    report = run_metrics(smoke_with(CHEAP), store, None, "final", LaunchOptions(executor="debug", jobs_dir=root.parent / "jobs"), progress=False)
+    assert not report.failed_jobs and not report.warnings
+    return root
+
+
+def test_every_family_is_stored_with_its_settings(metrics_root):
+    z = zoo.open(metrics_root)
+    families = z.sql("select family, count(distinct model_id) n from metrics group by all").set_index("family")["n"]
+    assert families.to_dict() == {"performance": 8, "hessian": 8, "spectral": 8, "weightspace": 8}
+    pairs = z.sql("select family, count(distinct model_a || model_b) n from pair_metrics group by all").set_index("family")["n"]
+    assert pairs.to_dict() == {"cka": 4, "connectivity": 4}  # 4 cells x 1 seed pair
+    settings = z.sql("select distinct settings from metrics where family = 'hessian'")["settings"]
+    assert len(settings) == 1 and '"max_iter": 20' in settings[0] and '"torch"' in settings[0] and '"pyhessian"' in settings[0]
+    layers = z.sql("select distinct layer from layer_metrics where family = 'spectral'")["layer"]
+    assert sorted(layers) == ["1", "3", "5"]
+    density = z.sql("select model_id, sum(weight) w from densities group by all")
+    assert len(density) == 8 and np.allclose(density["w"], 1.0)
+
+
+def test_performance_family_equals_the_curves(metrics_root):
+    z = zoo.open(metrics_root)
+    joined = z.sql(
+        """select c.train_loss, c.train_acc - c.test_acc as gap, p.name, p.value
+           from metrics p join models m using (model_id) join curves c on c.model_id = m.model_id and c.epoch = m.epochs
+           where p.family = 'performance' and p.name in ('train_loss', 'gap')"""
+    )
+    for row in joined.itertuples(index=False):
+        assert row.value == (row.train_loss if row.name == "train_loss" else row.gap)
+
+
+def test_rerun_skips_and_new_settings_replace_old_results(metrics_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(metrics_root, root)
+    store = Store(root)
+    options = LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs")
+    again = run_metrics(smoke_with(CHEAP), store, ["performance", "cka"], "final", options, progress=False)
+    assert again.computed == 0 and again.skipped == 8 + 4
+    changed = run_metrics(smoke_with({**CHEAP, "cka": {"samples": 100}}), store, ["cka"], "final", options, progress=False)
+    assert changed.computed == 4
+    rows = zoo.open(root).sql("select name, value, settings from pair_metrics where family = 'cka'")
+    assert len(rows) == 4 * 3 and (rows[rows.name == "cka_samples"]["value"] == 100).all()
+
+
+def test_stored_hessian_matches_the_exact_hessian(tmp_path):
+    body = {
+        "description": "exact hessian check", "dataset": {"name": "digits", "train_size": 300},
+        "architecture": {"name": "mlp", "width": 6}, "load": {"name": "width", "values": [6]},
+        "temperature": {"name": "batch_size", "values": [32]}, "seeds": [0], "training": {"lr": 0.05, "epochs": 4},
+        "checkpoints": [0, 4],
+        "metrics": {"hessian": {"train_samples": 96, "batch_size": 32, "density": False}},  # default method
+    }
+    config = parse_zoo("exact", body)
+    from generators.launcher import generate
+
+    store = Store(tmp_path / "r", create=True)
+    options = LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs")
+    generate(config, store, options, progress=False)
+    run_metrics(config, store, ["hessian"], "final", options, progress=False)
+    z = zoo.open(tmp_path / "r")
+    model_id = z.models()["model_id"][0]
+    stored = z.sql("select name, value from metrics where family = 'hessian'").set_index("name")["value"]
+    assert stored["hessian_samples_train"] == 96
+
+    model, data = z.load_model(model_id), z.data(model_id)
+    x, y = data.x_train[:96], data.y_train[:96]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    model = model.double()
+
+    def loss(vector):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = vector[offset : offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (x.double(),)), y)
+
+    exact = torch.autograd.functional.hessian(loss, flat)
+    eigenvalues = torch.linalg.eigvalsh(exact)
+    assert stored["hessian_top_eig_train"] == pytest.approx(float(eigenvalues[-1]), rel=0.01)
+    assert stored["hessian_trace_train"] == pytest.approx(float(torch.trace(exact)), rel=0.05)
+
+
+def test_nan_weights_give_nan_rows_and_a_warning(smoke_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    z = zoo.open(root)
+    model_id = z.models()["model_id"][0]
+    part = Store(root).part_path("checkpoints", "smoke", model_id)
+    table = pq.read_table(part)
+    weights = [np.full(len(w), np.nan, dtype=np.float32) for w in table.column("weights").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("weights"), "weights", pa.array(weights, pa.list_(pa.float32())))
+    pq.write_table(table, part)
+    report = run_metrics(smoke_with(CHEAP), Store(root, create=True), ["spectral", "hessian", "cka"], "final",
+                         LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs"), progress=False)
+    assert any("non-finite" in w and model_id in w for w in report.warnings)
+    values = zoo.open(root).sql("select family, value from metrics where model_id = ?", [model_id])
+    assert set(values["family"]) == {"spectral", "hessian"} and values["value"].isna().all()
+    others = zoo.open(root).sql("select value from metrics where model_id <> ? and family = 'hessian' and name = 'hessian_trace_train'", [model_id])
+    assert len(others) == 7 and others["value"].notna().all()
+
+
+def test_bad_input_is_a_clear_error(smoke_root, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    Store(empty, create=True).write_index()
+    assert main(["metrics", "smoke", "--root", str(empty), "--executor", "debug"]) == 2
+    assert "no stored models" in capsys.readouterr().err
+    assert main(["metrics", "smoke", "--root", str(smoke_root), "--only", "hessian,magic"]) == 2
+    err = capsys.readouterr().err
+    assert "'magic'" in err and "hessian" in err and "connectivity" in err
+    assert main(["metrics", "smoke", "--root", str(smoke_root), "--epoch", "2"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    with pytest.raises(ZooError, match="metrics.hessian.max_iterr: unknown setting"):
+        run_metrics(smoke_with({"hessian": {"max_iterr": 3}}), Store(smoke_root), None, "final", LaunchOptions(executor="debug"))
+
+
+@pytest.mark.parametrize(
+    "loss, mc, cka, phase",
+    [(1.2, -0.2, 0.5, "I"), (1.2, 0.2, 0.5, "II"), (0.01, -0.2, 0.99, "III"), (0.01, 0.0, 0.5, "IV-A"), (0.01, 0.01, 0.99, "IV-B")],
+)
+def test_phase_rules_on_hand_made_values(loss, mc, cka, phase):
+    assert label(loss, mc, cka, PhaseRules())[0] == phase
+
+
+def test_phase_margin_shrinks_near_a_boundary():
+    rules = PhaseRules(loss_threshold=0.5, mc_tolerance=0.05)
+    far, near = label(0.01, -0.5, 0.99, rules), label(0.01, -0.051, 0.99, rules)
+    assert far[0] == near[0] == "III" and near[1] < 0.05 < far[1]
+    assert label(float("nan"), 0.0, 0.9, rules)[0] is None
+
+
+def test_phases_and_plots_from_the_cli(metrics_root, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(metrics_root, root)
+    assert main(["phases", "smoke", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "width" in out and "cells per phase" in out
+    cells = zoo.open(root).sql("select * from cells")
+    assert len(cells) == 4 and set(cells["phase"]) <= {"I", "II", "III", "IV-A", "IV-B"}
+    assert {"phase_margin", "phase_agreement", "train_loss", "hessian_top_eig_train", "cka_logits"} <= set(cells.columns)
+    for metric, suffix in (("hessian_trace_train", "png"), ("mc_linear_train_error", "svg")):
+        out_file = tmp_path / f"d.{suffix}"
+        assert main(["plot", "smoke", "--root", str(root), "--metric", metric, "--phases", "--out", str(out_file)]) == 0
+        assert out_file.stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["plot", "smoke", "--root", str(root), "--metric", "beauty", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown metric 'beauty'" in err and "hessian_trace_train" in err
