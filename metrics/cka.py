@@ -11,11 +11,12 @@ isotropic scaling of either representation, not to arbitrary invertible linear m
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
 from torch import nn
+
+from .modes import eval_mode
 
 
 def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
@@ -67,7 +68,7 @@ def representations(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -
     device = linears[-1].weight.device
     logits, penultimate = [], []
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for chunk in x.split(batch_size):
                 captured.clear()
                 out = model(chunk.to(device))
@@ -94,13 +95,3 @@ def cka_between(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
             "cka_penultimate": linear_cka(rep_a["penultimate"], rep_b["penultimate"])}
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Put the model in eval() mode, restoring every submodule's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training

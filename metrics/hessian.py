@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import eval_mode
+
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -171,7 +173,7 @@ def hessian_density(model: nn.Module, batches: Batches, n_iter: int = 100, n_v: 
     n_params = sum(p.numel() for p in params)
     generator = torch.Generator().manual_seed(seed)
     nodes, weights, iterations = [], [], []
-    with _eval_mode(model):
+    with eval_mode(model):
         def matvec(v: torch.Tensor) -> torch.Tensor:
             return _hvp_flat(model, params, batches, n_samples, v)
 
@@ -204,7 +206,7 @@ def lanczos_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1, 
         raise ValueError(f"top_n ({top_n}) exceeds the number of parameters ({n_params})")
     generator = torch.Generator().manual_seed(seed)
     start = torch.randint(0, 2, (n_params,), generator=generator, dtype=torch.float64) * 2 - 1
-    with _eval_mode(model):
+    with eval_mode(model):
         alphas, betas = _lanczos(lambda v: _hvp_flat(model, params, batches, n_samples, v), start, max(n_iter, top_n))
     ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas)).flip(0)
     return TopEigenvalues(eigenvalues=[float(r) for r in ritz[:top_n]], top_n=top_n, max_iter=n_iter, tol=0.0,
@@ -233,7 +235,7 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
     def rademacher(columns: int) -> torch.Tensor:
         return torch.randint(0, 2, (n_params, columns), generator=generator, dtype=torch.float64) * 2 - 1
 
-    with _eval_mode(model):
+    with eval_mode(model):
         def apply(block: torch.Tensor) -> torch.Tensor:
             return torch.stack([_hvp_flat(model, params, batches, n_samples, block[:, i].contiguous())
                                 for i in range(block.shape[1])], dim=1)
@@ -268,7 +270,7 @@ def hvp(model: nn.Module, batches: Batches, v: torch.Tensor) -> torch.Tensor:
     if v.dim() != 1 or v.numel() != n_params:
         raise ValueError(f"v must be a flat vector of {n_params} elements, got shape "
                          f"{tuple(v.shape)}")
-    with _eval_mode(model):
+    with eval_mode(model):
         return _hvp_flat(model, params, batches, n_samples, v).to(v.dtype)
 
 
@@ -359,7 +361,7 @@ def _pyhessian_session(model: nn.Module, batches: Batches, seed: int) -> Iterato
     in this block only (it sets the gradients to None after each product, which breaks them).
     """
     params = _trainable_parameters(model)
-    with _eval_mode(model), _grads_set_aside(params), torch.random.fork_rng(devices=[]), \
+    with eval_mode(model), _grads_set_aside(params), torch.random.fork_rng(devices=[]), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True",
                                 category=UserWarning)
@@ -367,16 +369,6 @@ def _pyhessian_session(model: nn.Module, batches: Batches, seed: int) -> Iterato
         yield _CountingHessian(model, nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval() mode, restoring every submodule's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 @contextlib.contextmanager

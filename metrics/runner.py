@@ -31,7 +31,7 @@ from zoo.errors import ZooError
 from zoo.launch import LaunchOptions, run_jobs
 from zoo.storage import SCHEMAS, Store
 
-from .families import FAMILIES, Family, ModelContext, Result, get_families, settings_hash
+from .families import FAMILIES, Family, ModelContext, Result, cell_contexts, get_families, settings_hash
 
 
 @dataclass
@@ -75,23 +75,22 @@ def compute_cells(root: str, items: list[str], families: list[str], settings: di
         record = versions()
         for text in items:
             cell = json.loads(text)
+            contexts = cell_contexts(handle, cell["models"], cell["epoch"])  # models load once per cell
             for family in get_families(families):
                 resolved = family.resolve(settings.get(family.name))
                 started = time.perf_counter()
-                _compute_family(handle, cell, family, resolved, record, report)
+                _compute_family(handle, cell, contexts, family, resolved, record, report)
                 report.seconds_by_family[family.name] = report.seconds_by_family.get(family.name, 0.0) + time.perf_counter() - started
         return report
     finally:
         torch.set_num_threads(previous)
 
 
-def _compute_family(handle, cell: dict, family: Family, settings, record: dict, report: MetricsReport) -> None:
+def _compute_family(handle, cell: dict, contexts: list[ModelContext], family: Family, settings, record: dict,
+                    report: MetricsReport) -> None:
     store, zoo_name, epoch = handle.store, cell["zoo"], cell["epoch"]
     digest = settings_hash(family.name, settings)
     settings_json = json.dumps({"family": family.name, "settings": settings.model_dump(), "versions": record}, default=str)
-    contexts = [ModelContext(handle, model_id, epoch) for model_id in cell["models"]]
-    for ctx in contexts:
-        ctx.partners = [c for c in contexts if c is not ctx]
     if family.level == "model":
         todo = [c for c in contexts if not store.part_path("metrics", zoo_name, part_key(family.name, [c.model_id], epoch, digest)).exists()]
         report.skipped += len(contexts) - len(todo)

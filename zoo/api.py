@@ -11,14 +11,12 @@ stage can load any model without knowing how it was trained. Nothing is unpickle
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -41,6 +39,7 @@ class Zoo:
         self.store = Store(root)
         self.root = self.store.root
         self._con = zsql.connect(self.store)
+        self._specs: dict[str, ModelSpec] = {}  # a model id is the hash of its config: safe to cache
 
     def __repr__(self) -> str:
         return f"zoo.open({str(self.root)!r})"
@@ -55,11 +54,20 @@ class Zoo:
 
     def spec(self, model_id: str) -> ModelSpec:
         """The full config of a stored model."""
-        safe_name("model id", model_id)
-        rows = self.sql("select config from models where model_id = ?", [model_id])
-        if rows.empty:
-            raise ZooError(f"no model {model_id!r} in {self.root}")
-        return ModelSpec.from_json(rows["config"].iloc[0])
+        return self.specs([model_id])[model_id]
+
+    def specs(self, model_ids: Sequence[str]) -> dict[str, ModelSpec]:
+        """The full configs of several stored models, read in one query."""
+        wanted = [m for m in dict.fromkeys(model_ids) if m not in self._specs]
+        for model_id in wanted:
+            safe_name("model id", model_id)
+        if wanted:
+            rows = self.sql("select model_id, config from models where model_id in (select unnest(?))", [wanted])
+            self._specs.update({m: ModelSpec.from_json(c) for m, c in rows.itertuples(index=False)})
+        missing = [m for m in model_ids if m not in self._specs]
+        if missing:
+            raise ZooError(f"no model {missing[0]!r} in {self.root}")
+        return {m: self._specs[m] for m in model_ids}
 
     def data(self, model_id: str) -> Data:
         """The data set (with its fixed split) that the model was trained on."""

@@ -254,7 +254,7 @@ def test_farms_on_heavy_tailed_matrix(mu):
 
 
 def test_agrees_with_weightwatcher():
-    ww = pytest.importorskip("weightwatcher")
+    import weightwatcher as ww  # a test dependency (pyproject: the test extra)
     torch.manual_seed(0)
     heavy = torch.distributions.StudentT(torch.tensor(2.5))
     model = nn.Sequential(
