@@ -8,6 +8,7 @@ replaced atomically, a job that runs twice (a requeue, two runs at once) never d
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.storage import Store, write_failure, write_model
 
+from .stacked import group_into_stacks, stack_key, train_stack
 from .training import train
 
 
@@ -30,30 +32,57 @@ class JobReport:
 
 
 def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
-    """Train and store the models whose JSON specs are given, skipping those already stored.
+    """Train the groups of models that `items` describe and store their missing members.
 
-    `threads` fixes torch's intra-op threads (1 by default: results then do not depend on how
-    many jobs share the machine)."""
+    An item is JSON `{"models": [spec, ...], "store": [model_id, ...]}`: a stack of same-shape
+    MLPs trained as one computation (`stacked.py`), or a single model on the reference path.
+    The whole group is trained (its company fixes its bits) and only the members in `store` that
+    are not yet stored are written. If a stack raises, its members are retried one by one, so one
+    bad model fails alone. `threads` fixes torch's intra-op threads (1 by default: results then
+    do not depend on how many jobs share the machine)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         store = Store(root, create=True)
         report = JobReport()
         job_id = os.environ.get("SLURM_JOB_ID", os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
-        for text in items:
-            spec = ModelSpec.from_json(text)
-            model_id = spec.model_id
-            if store.part_path("models", spec.zoo, model_id).exists():
-                report.skipped.append(model_id)
+        queue = [json.loads(text) for text in items]
+        while queue:
+            item = queue.pop(0)
+            group = [ModelSpec.from_json(text) for text in item["models"]]
+            wanted = [m for m in item["store"] if not store.part_path("models", group[0].zoo, m).exists()]
+            report.skipped += [m for m in item["store"] if m not in wanted]
+            if not wanted:
                 continue
             try:
-                trained = train(spec, load_dataset(spec.dataset))
-                write_model(store, trained, zoo.code_version())
-                report.trained.append(model_id)
-            except Exception as e:  # recorded per model: the rest of the job goes on
+                data = load_dataset(group[0].dataset)
+                results = train_stack(group, data) if stack_key(group[0]) and item.get("stacked", True) else [train(group[0], data)]
+                for trained in results:
+                    if trained.spec.model_id in wanted:
+                        write_model(store, trained, zoo.code_version())
+                        report.trained.append(trained.spec.model_id)
+            except Exception as e:
+                if len(group) > 1:
+                    queue[:0] = [{**item, "models": [spec.to_json()], "store": [spec.model_id]}
+                                 for spec in group if spec.model_id in wanted]
+                    continue
                 message = f"{type(e).__name__}: {e}"
-                write_failure(store, spec.zoo, model_id, message + "\n" + traceback.format_exc(), job_id)
-                report.failed[model_id] = message
+                write_failure(store, group[0].zoo, group[0].model_id, message + "\n" + traceback.format_exc(), job_id)
+                report.failed[group[0].model_id] = message
         return report
     finally:
         torch.set_num_threads(previous)
+
+
+def work_items(specs: list[ModelSpec], missing: set[str], stacked: bool = True, limit: int | None = None) -> list[str]:
+    """The job items that train the `missing` models of `specs` (a whole zoo, or a subset of
+    it), at most `limit` stored: stacks cut from `specs` (see `group_into_stacks`), or one model
+    per item on the reference path when `stacked` is False."""
+    groups = group_into_stacks(specs) if stacked else [[spec] for spec in specs]
+    items, budget = [], float("inf") if limit is None else max(limit, 0)
+    for group in groups:
+        store = [spec.model_id for spec in group if spec.model_id in missing][: int(min(budget, len(group)))]
+        if store:
+            items.append(json.dumps({"models": [spec.to_json() for spec in group], "store": store, "stacked": stacked}))
+            budget -= len(store)
+    return items

@@ -3,8 +3,9 @@ bar of models stored / total. Rerunning trains only what is missing; failed mode
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
@@ -12,7 +13,7 @@ from zoo.catalog import ModelSpec, ZooConfig
 from zoo.launch import LaunchOptions, run_jobs
 from zoo.storage import Store
 
-from .jobs import train_and_store
+from .jobs import train_and_store, work_items
 
 __all__ = ["GenerateReport", "LaunchOptions", "generate", "missing_models"]
 
@@ -38,18 +39,24 @@ def missing_models(zoo: ZooConfig, store: Store, models: list[ModelSpec] | None 
 
 
 def generate(
-    zoo: ZooConfig, store: Store, options: LaunchOptions, progress: bool = True, models: list[ModelSpec] | None = None
+    zoo: ZooConfig, store: Store, options: LaunchOptions, progress: bool = True, models: list[ModelSpec] | None = None,
+    stacked: bool = True,
 ) -> GenerateReport:
     """Train and store every model of `zoo` (or of `models`, a subset of it) that `store` lacks,
-    at most `options.limit` of them."""
+    at most `options.limit` of them. Same-shape MLPs train as stacks unless `stacked` is False
+    (then every model takes the one-model reference path)."""
     options.check()
     models = zoo.models() if models is None else models
     missing = missing_models(zoo, store, models)
-    plan = missing if options.limit is None else missing[: max(options.limit, 0)]
+    items = work_items(models, {spec.model_id for spec in missing}, stacked, options.limit)
+    if options.items_per_job is not None:  # --models-per-job counts models; a stack goes to one job whole
+        per_item = sum(len(json.loads(i)["models"]) for i in items) / max(len(items), 1)
+        options = replace(options, items_per_job=max(1, round(options.items_per_job / per_item)))
+    plan = [m for item in items for m in json.loads(item)["store"]]
     report = GenerateReport(zoo.name, len(models), len(plan))
     start = time.perf_counter()
     if plan:
-        planned = {spec.model_id for spec in plan}
+        planned = set(plan)
         done_before = len(models) - len(missing)
         bar = tqdm(total=len(models), initial=done_before, desc=f"generate {zoo.name}", unit="model",
                    disable=not progress, dynamic_ncols=True)
@@ -60,14 +67,15 @@ def generate(
                 bar.update(stored - bar.n)
 
         try:
-            outcomes = run_jobs(train_and_store, [spec.to_json() for spec in plan], options, zoo.name,
+            outcomes = run_jobs(train_and_store, items, options, zoo.name,
                                 kwargs={"root": str(store.root)}, on_poll=show_progress)
         finally:
             bar.close()
         for outcome in outcomes:
             if outcome.error is not None:
-                for text in outcome.items:
-                    report.failed.setdefault(ModelSpec.from_json(text).model_id, outcome.error)
+                for item in outcome.items:
+                    for model_id in json.loads(item)["store"]:
+                        report.failed.setdefault(model_id, outcome.error)
             else:
                 report.trained += len(outcome.result.trained)
                 report.skipped += len(outcome.result.skipped)

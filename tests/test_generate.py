@@ -72,9 +72,10 @@ def test_kill_9_halfway_then_rerun_equals_an_uninterrupted_run(smoke_root, tmp_p
 
 
 def test_a_job_run_twice_stores_each_model_once(smoke_root, tmp_path):
-    specs = [s.to_json() for s in load_catalog(REPO / "catalog.yaml")["smoke"].models()[:2]]
-    first = jobs.train_and_store(str(tmp_path / "r"), specs)
-    second = jobs.train_and_store(str(tmp_path / "r"), specs)
+    specs = load_catalog(REPO / "catalog.yaml")["smoke"].models()
+    items = jobs.work_items(specs, {s.model_id for s in specs[:2]})
+    first = jobs.train_and_store(str(tmp_path / "r"), items)
+    second = jobs.train_and_store(str(tmp_path / "r"), items)
     assert len(first.trained) == 2 and second.skipped == first.trained and not second.trained
     Store(tmp_path / "r").write_index()
     prints = fingerprint(tmp_path / "r")
@@ -84,21 +85,21 @@ def test_a_job_run_twice_stores_each_model_once(smoke_root, tmp_path):
 def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch):
     zoo_config = load_catalog(REPO / "catalog.yaml")["smoke"]
     bad_id = zoo_config.models()[3].model_id
-    real_train = jobs.train
+    real_train = jobs.train_stack
 
-    def flaky(spec, data):
-        if spec.model_id == bad_id:
+    def flaky(specs, data):
+        if bad_id in {s.model_id for s in specs}:
             raise RuntimeError("simulated divergence")
-        return real_train(spec, data)
+        return real_train(specs, data)
 
-    monkeypatch.setattr(jobs, "train", flaky)
+    monkeypatch.setattr(jobs, "train_stack", flaky)
     store = Store(tmp_path / "r", create=True)
     options = LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs")
     report = generate(zoo_config, store, options, progress=False)
     assert report.trained == 7 and list(report.failed) == [bad_id]
     failures = zoo.open(tmp_path / "r").sql("select model_id, error from failures")
     assert failures["model_id"].tolist() == [bad_id] and "simulated divergence" in failures["error"][0]
-    monkeypatch.setattr(jobs, "train", real_train)
+    monkeypatch.setattr(jobs, "train_stack", real_train)
     report = generate(zoo_config, store, options, progress=False)  # the failed model is retried
     assert report.planned == 1 and report.trained == 1
     assert zoo.open(tmp_path / "r").sql("select count(*) n from failures")["n"][0] == 0

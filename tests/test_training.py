@@ -94,3 +94,82 @@ def test_flatten_puts_parameters_first():
     n_params = sum(p.numel() for p in model.parameters())
     assert np.array_equal(vector[:6], model[0].weight.detach().reshape(-1).numpy())
     assert vector.size == n_params + 2 + 2 + 1
+
+
+STACK_ZOO = {
+    "description": "stack",
+    "dataset": {"name": "digits", "train_size": 250},
+    "architecture": {"name": "mlp", "width": 24, "activation": "tanh"},
+    "load": {"name": "momentum", "values": [0.0, 0.9]},
+    "temperature": {"name": "lr", "values": [0.02, 0.1]},
+    "seeds": [0, 1],
+    "training": {"lr": 0.05, "epochs": 2, "batch_size": 32, "weight_decay": 5e-4, "nesterov": False, "schedule": "onecycle"},
+    "checkpoints": [0, 1, 2],
+}
+
+
+def test_stacked_training_equals_the_reference_path():
+    from generators.stacked import group_into_stacks, train_stack
+
+    specs = parse_zoo("stack", STACK_ZOO).models()
+    stacks = group_into_stacks(specs)
+    assert len(stacks) == 1 and len(stacks[0]) == 8  # lr, momentum and seed vary inside one stack
+    data = load_dataset(specs[0].dataset)
+    stacked = train_stack(specs, data)
+    for spec, result in zip(specs, stacked):
+        reference = train(spec, data)
+        assert np.array_equal(result.checkpoints[0], reference.checkpoints[0])  # same initialisation
+        assert np.abs(result.checkpoints[1] - reference.checkpoints[1]).max() < 1e-5
+        assert abs(result.curves[-1]["test_acc"] - reference.curves[-1]["test_acc"]) <= 2 / len(data.y_test)
+        assert [e.name for e in result.index] == [e.name for e in reference.index]
+
+
+def test_stacks_are_cut_from_the_whole_zoo_so_reruns_give_the_same_bits(tmp_path):
+    import json
+
+    from generators import jobs
+
+    specs = parse_zoo("stack", dict(STACK_ZOO, training=dict(STACK_ZOO["training"], epochs=1), checkpoints=[0, 1])).models()
+    everything = {s.model_id for s in specs}
+    full = jobs.train_and_store(str(tmp_path / "a"), jobs.work_items(specs, everything))
+    # a second root that first stores two models, then the rest (as after a kill)
+    some = {specs[1].model_id, specs[5].model_id}
+    items = jobs.work_items(specs, some)
+    assert [json.loads(i)["store"] for i in items] == [[specs[1].model_id, specs[5].model_id]]
+    jobs.train_and_store(str(tmp_path / "b"), items)
+    jobs.train_and_store(str(tmp_path / "b"), jobs.work_items(specs, everything - some))
+    assert sorted(full.trained) == sorted(everything)
+
+    from zoo.storage import Store
+
+    for root in ("a", "b"):
+        Store(tmp_path / root).write_index()
+    import zoo
+
+    prints = [dict(zoo.open(tmp_path / r).sql("select model_id || epoch k, sha256 from checkpoints").itertuples(index=False)) for r in "ab"]
+    assert prints[0] == prints[1] and len(prints[0]) == 16
+
+
+def test_reference_path_is_kept_when_asked(tmp_path):
+    import json
+
+    from generators import jobs
+
+    specs = parse_zoo("t", ZOO).models()
+    items = jobs.work_items(specs, {s.model_id for s in specs}, stacked=False)
+    assert [len(json.loads(i)["models"]) for i in items] == [1, 1]
+    report = jobs.train_and_store(str(tmp_path / "r"), items)
+    data = load_dataset(specs[0].dataset)
+    import zoo
+    from zoo.storage import Store
+
+    Store(tmp_path / "r").write_index()
+    stored = zoo.open(tmp_path / "r").sql("select model_id, sha256 from checkpoints where epoch = 3").set_index("model_id")["sha256"]
+    assert len(report.trained) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as jobs train: float sums, hence bits, depend on the thread count
+    try:
+        for spec in specs:
+            assert stored[spec.model_id] == sha256(train(spec, data).checkpoints[3])
+    finally:
+        torch.set_num_threads(threads)

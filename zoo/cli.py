@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", parents=[common], help="train the models of a zoo that the root lacks")
     g.add_argument("zoo")
-    g.add_argument("--models-per-job", type=int, default=None, metavar="K", help="models trained by one job")
+    g.add_argument("--models-per-job", type=int, default=None, metavar="K", help="models trained by one job (a stack stays whole)")
+    g.add_argument("--no-stack", action="store_true", help="train one model at a time on the reference path")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train at most N missing models")
     _launch_arguments(g)
 
@@ -139,7 +140,7 @@ def cmd_generate(args) -> int:
     zoo_config = load_catalog(args.catalog)[args.zoo]
     options = _launch_options(args, zoo_config, items_per_job=args.models_per_job, limit=args.limit)
     store = Store(args.root or default_root(), create=True)
-    report = generate(zoo_config, store, options, progress=not args.no_progress)
+    report = generate(zoo_config, store, options, progress=not args.no_progress, stacked=not args.no_stack)
     if report.planned == 0:
         print(f"{report.zoo}: all {report.n_models} models already stored in {store.root}", file=sys.stderr)
     else:
