@@ -65,7 +65,7 @@ def main() -> None:
         loop, stacked = _weights(roots["loop"], 1), _weights(roots["local-stacked"], 1)
         gaps = np.array([np.abs(loop[k] - stacked[k]).max() for k in loop])
         print(f"stacked vs loop after epoch 1, max |dw| per model: median {np.median(gaps):.1e}, "
-              f"{(gaps < 1e-5).mean():.0%} of models below 1e-5, max {gaps.max():.1e} (chaotic growth at small widths)")
+              f"{(gaps < 1e-5).mean():.0%} of models below 1e-5, max {gaps.max():.1e}")
         accuracy = {n: zoo.open(roots[n]).sql("select avg(test_acc) a from curves c join models m using (model_id) where c.epoch = m.epochs")["a"][0]
                     for n in ("loop", "local-stacked")}
         print(f"mean final test accuracy: loop {accuracy['loop']:.4f}, stacked {accuracy['local-stacked']:.4f}")

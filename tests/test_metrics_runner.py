@@ -186,3 +186,14 @@ def test_phases_and_plots_from_the_cli(metrics_root, tmp_path, capsys):
     assert main(["plot", "smoke", "--root", str(root), "--metric", "beauty", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "unknown metric 'beauty'" in err and "hessian_trace_train" in err
+
+
+def test_every_checkpoint_with_epoch_all(smoke_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    report = run_metrics(smoke_with(CHEAP), Store(root, create=True), ["performance", "weightspace"], "all",
+                         LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs"), progress=False)
+    assert report.computed == 2 * 8 * 3
+    rows = zoo.open(root).sql("select epoch, name, value from metrics where family = 'weightspace' and name = 'dist_init_l2'")
+    assert sorted(set(rows["epoch"])) == [0, 1, 3]
+    assert (rows[rows.epoch == 0]["value"] == 0).all() and (rows[rows.epoch == 3]["value"] > 0).all()
