@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from zoo.catalog import first_error
 from zoo.errors import ZooError
 
 
@@ -94,10 +95,8 @@ class Family:
         try:
             return self.settings(**(overrides or {}))
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ZooError(f"metrics.{self.name}.{loc}: {message}") from None
+            field, message = first_error(e, f"metrics.{self.name}")
+            raise ZooError(f"{field}: {message}") from None
 
 
 FAMILIES: dict[str, Family] = {}

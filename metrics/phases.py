@@ -40,6 +40,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from zoo.catalog import first_error
 from zoo.errors import ZooError
 from zoo.storage import SCHEMAS
 
@@ -60,10 +61,8 @@ class PhaseRules(BaseModel):
         try:
             return cls(**(metrics_settings.get("phases") or {}))
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ZooError(f"metrics.phases.{loc}: {message}") from None
+            field, message = first_error(e, "metrics.phases")
+            raise ZooError(f"{field}: {message}") from None
 
 
 def label(loss: float, mc: float, cka: float, rules: PhaseRules) -> tuple[str | None, float]:

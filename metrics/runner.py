@@ -207,9 +207,12 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
                 progress: bool = True) -> MetricsReport:
     """Compute and store the chosen families (default all) for every stored model of `config`."""
     chosen = get_families(families)
+    unknown = [k for k in config.metrics if k not in FAMILIES and k != "phases"]
+    if unknown:
+        raise ZooError(f"metrics.{unknown[0]}: unknown metric family in the catalog; known: {', '.join(FAMILIES)}, phases")
     overrides = {k: v for k, v in config.metrics.items() if k in FAMILIES}
-    for family in chosen:
-        family.resolve(overrides.get(family.name))  # a bad setting fails here, before any job
+    # a bad setting fails here, before any job
+    digests = {f.name: settings_hash(f.name, f.resolve(overrides.get(f.name))) for f in chosen}
     handle = zoo.open(store.root)
     items = plan_cells(handle, config, select_epochs(config, epoch))
     total = sum(
@@ -219,7 +222,6 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
     report = MetricsReport()
     started = time.perf_counter()
     bar = tqdm(total=total, desc=f"metrics {config.name}", unit="result", disable=not progress, dynamic_ncols=True)
-    digests = {f.name: settings_hash(f.name, f.resolve(overrides.get(f.name))) for f in chosen}
 
     def show_progress() -> None:
         done = 0

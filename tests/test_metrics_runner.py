@@ -150,7 +150,9 @@ def test_bad_input_is_a_clear_error(smoke_root, tmp_path, capsys):
     assert "'magic'" in err and "hessian" in err and "connectivity" in err
     assert main(["metrics", "smoke", "--root", str(smoke_root), "--epoch", "2"]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
-    with pytest.raises(ZooError, match="metrics.hessian.max_iterr: unknown setting"):
+    with pytest.raises(ZooError, match="metrics.hessain: unknown metric family"):
+        run_metrics(smoke_with({"hessain": {}}), Store(smoke_root), None, "final", LaunchOptions(executor="debug"))
+    with pytest.raises(ZooError, match="metrics.hessian.max_iterr: unknown field"):
         run_metrics(smoke_with({"hessian": {"max_iterr": 3}}), Store(smoke_root), None, "final", LaunchOptions(executor="debug"))
 
 

@@ -305,13 +305,19 @@ def _check_resolvable(zoo: ZooConfig, where: str) -> None:
         raise CatalogError(f"{where}, field 'training.augmentation': {spec.dataset['name']} is not an image data set")
 
 
-def _describe(e: ValidationError, prefix: str | None = "") -> str:
-    """The first validation error as "field 'a.b': message"; prefix=None gives the bare message."""
+def first_error(e: ValidationError, prefix: str = "") -> tuple[str, str]:
+    """(dotted field, message) of a validation error's first problem, e.g. ("training.lr",
+    "Input should be greater than 0"); an unknown key reads "unknown field". Further problems
+    are counted in the message."""
     errors = e.errors()
     first = errors[0]
     message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    if prefix is None:
-        return f"{message}{more}"
-    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(first["loc"]))
-    return f"field {loc!r}: {message}{more}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(first["loc"])), message
+
+
+def _describe(e: ValidationError, prefix: str | None = "") -> str:
+    """The first validation error as "field 'a.b': message"; prefix=None gives the bare message."""
+    field, message = first_error(e, prefix or "")
+    return message if prefix is None else f"field {field!r}: {message}"
