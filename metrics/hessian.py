@@ -23,6 +23,7 @@ each submodule's training flag and the parameters' ``.grad`` as they were before
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,7 @@ import pyhessian
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .modes import eval_mode
 
@@ -255,6 +257,23 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
     rest = float(np.mean(vhv)) if vhv else 0.0
     return HessianTrace(trace=low_rank + rest, vhv=vhv, n_probes=2 * q.shape[1] + len(vhv),
                         max_iter=max_probes, tol=tol, seed=seed, n_samples=n_samples)
+
+
+def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The dense Hessian, in float64, of the mean cross-entropy over (x, y) with respect to the
+    trainable parameters (``named_parameters()`` order), the model in eval mode: the reference
+    the estimators are checked against. It costs one product per parameter: small models only.
+    The model itself is left untouched (a float64 copy is differentiated)."""
+    m64 = copy.deepcopy(model).double().eval()
+    named = [(n, p) for n, p in m64.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        pieces = theta.split([p.numel() for _, p in named])
+        params = {n: t.view_as(p) for (n, p), t in zip(named, pieces)}
+        return F.cross_entropy(functional_call(m64, params, (x.double(),)), y)
+
+    return torch.autograd.functional.hessian(loss, flat)
 
 
 def hvp(model: nn.Module, batches: Batches, v: torch.Tensor) -> torch.Tensor:

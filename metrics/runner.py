@@ -215,10 +215,8 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
     digests = {f.name: settings_hash(f.name, f.resolve(overrides.get(f.name))) for f in chosen}
     handle = zoo.open(store.root)
     items = plan_cells(handle, config, select_epochs(config, epoch))
-    total = sum(
-        len(json.loads(i)["models"]) if f.level == "model" else len(json.loads(i)["models"]) * (len(json.loads(i)["models"]) - 1) // 2
-        for i in items for f in chosen
-    )
+    sizes = [len(json.loads(item)["models"]) for item in items]
+    total = sum(n if f.level == "model" else n * (n - 1) // 2 for n in sizes for f in chosen)
     report = MetricsReport()
     started = time.perf_counter()
     bar = tqdm(total=total, desc=f"metrics {config.name}", unit="result", disable=not progress, dynamic_ncols=True)

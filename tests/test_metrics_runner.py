@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch.func import functional_call
 
 import zoo
+from metrics.hessian import exact_hessian
 from metrics.phases import PhaseRules, label
 from metrics.runner import run_metrics
 from zoo.catalog import load_catalog, parse_zoo
@@ -102,20 +102,7 @@ def test_stored_hessian_matches_the_exact_hessian(tmp_path):
     assert stored["hessian_samples_train"] == 96
 
     model, data = z.load_model(model_id), z.data(model_id)
-    x, y = data.x_train[:96], data.y_train[:96]
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-    model = model.double()
-
-    def loss(vector):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = vector[offset : offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return torch.nn.functional.cross_entropy(functional_call(model, params, (x.double(),)), y)
-
-    exact = torch.autograd.functional.hessian(loss, flat)
+    exact = exact_hessian(model, data.x_train[:96], data.y_train[:96])
     eigenvalues = torch.linalg.eigvalsh(exact)
     assert stored["hessian_top_eig_train"] == pytest.approx(float(eigenvalues[-1]), rel=0.01)
     assert stored["hessian_trace_train"] == pytest.approx(float(torch.trace(exact)), rel=0.05)

@@ -1,20 +1,18 @@
 """Hessian metrics against the exact Hessian of small networks.
 
-The exact Hessian is ``torch.autograd.functional.hessian`` of the mean cross-entropy as a
-function of the flat parameter vector (``torch.func.functional_call``), in float64, in eval
-mode, on the same samples as the estimators.
+The exact Hessian (``metrics.hessian.exact_hessian``) is ``torch.autograd.functional.hessian``
+of the mean cross-entropy as a function of the flat parameter vector, in float64, in eval mode,
+on the same samples as the estimators.
 """
 
-import copy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from metrics.hessian import (hessian_density, hessian_top_eigenvalues, hessian_trace, hvp)
+from metrics.hessian import exact_hessian, hessian_density, hessian_top_eigenvalues, hessian_trace, hvp
 
 N_SAMPLES = 232
 BATCH_SIZES = (160, 72)  # unequal on purpose: batches must be weighted by their size
@@ -52,20 +50,6 @@ def _trained(model, x, y, steps=20, lr=0.5):
     return model
 
 
-def _exact_hessian(model, x, y):
-    """Exact Hessian in float64 of the mean cross-entropy over (x, y), model in eval mode."""
-    m64 = copy.deepcopy(model).double().eval()
-    named = [(n, p) for n, p in m64.named_parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def loss(theta):
-        pieces = theta.split([p.numel() for _, p in named])
-        params = {n: t.view_as(p) for (n, p), t in zip(named, pieces)}
-        return F.cross_entropy(functional_call(m64, params, (x.double(),)), y)
-
-    return torch.autograd.functional.hessian(loss, flat)
-
-
 @pytest.fixture(scope="module")
 def mlp_case():
     """MLP 8-12-12-3 (303 parameters), trained 20 steps, with its exact Hessian."""
@@ -74,7 +58,7 @@ def mlp_case():
     model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(),
                           nn.Linear(12, 3))
     _trained(model, x, y)
-    hess = _exact_hessian(model, x, y)
+    hess = exact_hessian(model, x, y)
     return model, _batches(x, y), hess, torch.linalg.eigvalsh(hess)
 
 
@@ -156,7 +140,7 @@ def test_lanczos_stops_when_krylov_space_is_exhausted():
     torch.manual_seed(0)
     x, y = _data(n_in=2)
     model = _trained(nn.Linear(2, 3), x, y)
-    spectrum = torch.linalg.eigvalsh(_exact_hessian(model, x, y))
+    spectrum = torch.linalg.eigvalsh(exact_hessian(model, x, y))
     result = hessian_density(model, _batches(x, y), n_iter=50, n_v=1)
     assert result.iterations[0] <= 9
     assert result.weights.sum() == pytest.approx(1.0, abs=1e-12)
@@ -171,7 +155,7 @@ def test_batchnorm_model_uses_eval_mode_and_leaves_state_untouched():
     model[1].eval()  # a submodule with its own flag must keep it
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     batches = _batches(x, y)
-    spectrum = torch.linalg.eigvalsh(_exact_hessian(model, x, y))
+    spectrum = torch.linalg.eigvalsh(exact_hessian(model, x, y))
 
     top = hessian_top_eigenvalues(model, batches, max_iter=1000, tol=1e-6)
     trace = hessian_trace(model, batches, max_iter=5)
