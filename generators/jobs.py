@@ -20,7 +20,7 @@ from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.storage import Store, write_failure, write_model
 
-from .stacked import group_into_stacks, stack_key, train_stack
+from .stacked import group_into_stacks, shape_key, stack_key, train_stack
 from .training import train
 
 
@@ -50,15 +50,18 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
         while queue:
             item = queue.pop(0)
             group = [ModelSpec.from_json(text) for text in item["models"]]
-            wanted = [m for m in item["store"] if not store.part_path("models", group[0].zoo, m).exists()]
+            stored = store.stored_ids("models", group[0].zoo)
+            wanted = [m for m in item["store"] if m not in stored]
             report.skipped += [m for m in item["store"] if m not in wanted]
             if not wanted:
                 continue
             try:
                 data = load_dataset(group[0].dataset)
-                results = train_stack(group, data) if stack_key(group[0]) and item.get("stacked", True) else [train(group[0], data)]
+                stacked = item.get("stacked", True) and shape_key(group[0]) is not None
+                results = train_stack(group, data) if stacked else [train(group[0], data)]
+                stored = store.stored_ids("models", group[0].zoo)  # another run may have stored some meanwhile
                 for trained in results:
-                    if trained.spec.model_id in wanted:
+                    if trained.spec.model_id in wanted and trained.spec.model_id not in stored:
                         write_model(store, trained, zoo.code_version())
                         report.trained.append(trained.spec.model_id)
             except Exception as e:
@@ -83,6 +86,7 @@ def work_items(specs: list[ModelSpec], missing: set[str], stacked: bool = True, 
     for group in groups:
         store = [spec.model_id for spec in group if spec.model_id in missing][: int(min(budget, len(group)))]
         if store:
-            items.append(json.dumps({"models": [spec.to_json() for spec in group], "store": store, "stacked": stacked}))
+            on_stack = stacked and stack_key(group[0]) is not None  # decided where the zoo is planned
+            items.append(json.dumps({"models": [spec.to_json() for spec in group], "store": store, "stacked": on_stack}))
             budget -= len(store)
     return items

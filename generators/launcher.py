@@ -34,6 +34,7 @@ class GenerateReport:
 
 
 def missing_models(zoo: ZooConfig, store: Store, models: list[ModelSpec] | None = None) -> list[ModelSpec]:
+    store.finish_packs(zoo.name)
     stored = store.stored_ids("models", zoo.name)
     return [spec for spec in (zoo.models() if models is None else models) if spec.model_id not in stored]
 
@@ -80,6 +81,7 @@ def generate(
                 report.trained += len(outcome.result.trained)
                 report.skipped += len(outcome.result.skipped)
                 report.failed.update(outcome.result.failed)
+    store.pack(zoo.name)  # many small per-model parts -> a few packs (fast to read and query)
     store.write_index()
     report.seconds = time.perf_counter() - start
     return report

@@ -1,11 +1,13 @@
-"""Train a population of same-shape MLPs as one stacked computation.
+"""Train a population of same-shape models as one stacked computation.
 
-Each model keeps its own initialisation, data order and learning rate (the same generators as
-the reference path in `training.py`), but the M models' weights live in stacked tensors
-(M, fan_in, fan_out) and every step is a handful of batched matmuls (`torch.baddbmm`) instead of
-M small ones: a small model is bound by per-step overhead, so this is where the machine's time
-goes. Same initialisation and batches give the same models as the reference path (to float
-rounding: about 1e-7 after an epoch).
+Each model keeps its own initialisation, data order, augmentation and learning rate (the same
+generators as the reference path in `training.py`), but the M models' weights live in stacked
+tensors with a leading model axis, and every step runs each layer once for all M models: a
+linear layer is one batched matmul (`torch.baddbmm`), a convolution one grouped convolution
+(`groups=M`, channels-last), a BatchNorm one call over the M*C channels (each model's channels
+are normalised over its own batch, exactly as alone). A small model is bound by per-step
+overhead, so this is where the machine's time goes. Same initialisation and batches give the
+same models as the reference path, to float rounding (about 1e-7 after an epoch).
 
 Written by hand because torch.func's vmap over a functional model was 3x slower than stacked
 matmuls here (see ../shared/reference/performance.md) and no library trains populations.
@@ -15,47 +17,63 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from zoo.catalog import ModelSpec
 from zoo.datasets import Data
-from zoo.evaluation import evaluate
 from zoo.storage import TrainedModel
-from zoo.weights import tensor_index
+from zoo.weights import flatten, tensor_index
 
-from .training import derive_seed, epoch_batches, initial_model, make_optimizer, make_schedule, steps_per_epoch
+from .training import augment, derive_seed, epoch_batches, initial_model, make_optimizer, make_schedule, steps_per_epoch
 
-ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
-MAX_STACKED_PARAMS = 100_000
+# Where stacking pays on a CPU (measured by perf/train_throughput.py on the 2-core machine the
+# README's performance table names): MLPs up to this many parameters (a stack of four 512-wide
+# digits MLPs, 300k parameters, ran 0.9x the speed of one at a time: arithmetic-bound), and CNNs
+# whose first feature map per step (batch x width x H x W) is at most this many values (bigger
+# convolutions are arithmetic-bound and oneDNN's grouped kernels are slower than M plain ones).
+MAX_STACKED_MLP_PARAMS = 100_000
+MAX_STACKED_CNN_ACTIVATIONS = 1 << 15
 
 
 def stack_key(spec: ModelSpec) -> str | None:
-    """Models with equal keys train as one stack; None: this model takes the reference path.
+    """Models with equal keys train as one stack by default; None: this model takes the
+    reference path, because stacking it does not pay (see the limits above; on CUDA every MLP
+    and CNN stacks) or cannot be done (`shape_key`)."""
+    key = shape_key(spec)
+    if key is None or torch.cuda.is_available():
+        return key
+    a, t = spec.architecture, spec.training
+    if a["name"] == "mlp":
+        n_in, width = math.prod(spec.input_shape), a["width"]
+        if n_in * width + (a["depth"] - 1) * width * width + width * spec.n_classes > MAX_STACKED_MLP_PARAMS:
+            return None
+    elif t.batch_size * a["width"] * math.prod(spec.input_shape[1:]) > MAX_STACKED_CNN_ACTIVATIONS:
+        return None
+    return key
 
-    Stackable: MLPs of at most MAX_STACKED_PARAMS parameters trained by SGD without
-    augmentation (larger ones are bound by arithmetic, not per-step overhead: measured here, a
-    stack of four 512-wide digits MLPs ran 0.9x the speed of one at a time). Inside a stack the
-    seed, learning rate, momentum and weight decay may differ per model; everything that shapes
-    the computation (architecture, data, batch size, step count, schedule kind, checkpoints) is
+
+def shape_key(spec: ModelSpec) -> str | None:
+    """Models with equal keys can train as one stack (`train_stack`); None: they cannot.
+
+    Stackable: MLPs and CNNs trained by SGD. Inside a stack the seed, learning rate, momentum
+    and weight decay may differ per model; everything that shapes the computation
+    (architecture, data, batch size, step count, schedule kind, augmentation, checkpoints) is
     shared."""
-    t = spec.training
-    if spec.architecture["name"] != "mlp" or t.optimizer != "sgd" or t.augmentation != "none":
+    if spec.training.optimizer != "sgd" or spec.architecture["name"] not in ("mlp", "cnn"):
         return None
-    a = spec.architecture
-    n_in, width = math.prod(spec.input_shape), a["width"]
-    if n_in * width + (a["depth"] - 1) * width * width + width * spec.n_classes > MAX_STACKED_PARAMS:
-        return None
-    shared = t.model_dump(exclude={"lr", "momentum", "weight_decay"})
+    shared = spec.training.model_dump(exclude={"lr", "momentum", "weight_decay"})
     return json.dumps([spec.zoo, spec.dataset, spec.architecture, shared, spec.checkpoints], sort_keys=True)
 
 
 def group_into_stacks(specs: list[ModelSpec], max_models: int = 256) -> list[list[ModelSpec]]:
     """Stacks of at most `max_models` same-key models, in first-seen order; unstackable models
     alone. Stacks are cut from a whole zoo's model list, never from what happens to be missing,
-    so a model is always trained in the same company: the batched matmuls then give it the same
+    so a model is always trained in the same company: the batched kernels then give it the same
     bits whichever run trains it (a stack of one and a stack of two can differ in the last bit)."""
     groups: dict[str, list[ModelSpec]] = {}
     singles = []
@@ -69,75 +87,164 @@ def group_into_stacks(specs: list[ModelSpec], max_models: int = 256) -> list[lis
     return stacks + singles
 
 
+_ACTIVATIONS = {nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.GELU: F.gelu}
+
+
 class _Stack:
-    """The stacked weights of M MLPs: per layer W (M, in, out) and b (M, 1, out)."""
+    """M same-shape models as stacked tensors, run layer by layer for all M at once.
 
-    def __init__(self, specs: list[ModelSpec]):
+    The reference modules (their initialisation is the reference path's) describe the layers;
+    every parameter is stacked along a new leading model axis, so a per-model learning rate is an
+    (M, 1, ...) tensor. Activations flow either as vectors (M, B, F) or as images
+    (B, M*C, H, W), channels-last, model m owning channels m*C .. (m+1)*C - 1."""
+
+    SUPPORTED = (nn.Flatten, nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, *_ACTIVATIONS)
+
+    def __init__(self, specs: list[ModelSpec], device: torch.device):
         self.specs = specs
-        self.references = [initial_model(s) for s in specs]  # the reference path's initialisation
-        linears = [[m for m in model if isinstance(m, torch.nn.Linear)] for model in self.references]
-        self.weights = [torch.stack([layers[k].weight.detach().T for layers in linears]).contiguous().requires_grad_()
-                        for k in range(len(linears[0]))]
-        self.biases = [torch.stack([layers[k].bias.detach()[None] for layers in linears]).contiguous().requires_grad_()
-                       for k in range(len(linears[0]))]
-        self.activation = ACTIVATIONS[specs[0].architecture["activation"]]
-        self.params = [p for pair in zip(self.weights, self.biases) for p in pair]  # named_parameters order
+        self.references = [initial_model(s) for s in specs]
+        self.layers = list(self.references[0])
+        unsupported = {type(layer).__name__ for layer in self.layers if not isinstance(layer, self.SUPPORTED)}
+        if unsupported:
+            raise ValueError(f"cannot stack layers {sorted(unsupported)}")
+        # named_parameters order of each model, stacked: (M, *shape); Linear weights as (M, in, out)
+        self.names = [name for name, _ in self.references[0].named_parameters()]
+        self.params = []
+        for name in self.names:
+            tensors = [dict(model.named_parameters())[name].detach() for model in self.references]
+            stacked = torch.stack([t.T if self._is_linear_weight(name) else t for t in tensors])
+            self.params.append(stacked.to(device).contiguous().requires_grad_())
+        self.param = dict(zip(self.names, self.params))
+        self.buffers = {  # BatchNorm running statistics, (M * C,) each, updated in place
+            name: torch.cat([dict(model.named_buffers())[name].detach() for model in self.references]).to(device)
+            for name, buffer in self.references[0].named_buffers()
+            if buffer.is_floating_point()
+        }
+        self.steps = 0  # BatchNorm's num_batches_tracked
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, B, in) -> logits (M, B, classes)."""
-        h = x
-        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b, h, w)
-            if k < len(self.weights) - 1:
-                h = self.activation(h)
+    def _is_linear_weight(self, name: str) -> bool:
+        index, _, kind = name.rpartition(".")
+        return kind == "weight" and isinstance(self.layers[int(index)], nn.Linear)
+
+    def logits(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """Each model's logits (M, B, classes) on its own batch, x (M, B, *input_shape), or on
+        one shared batch, x (B, *input_shape). In training mode BatchNorm normalises by the batch
+        and updates its running statistics; otherwise it uses them."""
+        n_models = len(self.specs)
+        shared = x.dim() == len(self.specs[0].input_shape) + 1
+        batch = x.shape[0] if shared else x.shape[1]
+        h, image = x, False
+        if isinstance(self.layers[0], nn.Conv2d):
+            h = x.repeat(1, n_models, 1, 1) if shared else x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])
+            h = h.contiguous(memory_format=torch.channels_last)
+            image = True
+        elif shared:  # the first Linear of all models as one matmul against the shared inputs
+            h = x.reshape(batch, -1)[None]
+        for k, layer in enumerate(self.layers):
+            p = lambda name: self.param.get(f"{k}.{name}")  # noqa: E731
+            if isinstance(layer, nn.Flatten):
+                h = h.reshape(batch, n_models, -1).transpose(0, 1) if image else h.reshape(h.shape[0], batch, -1)
+                image = False
+            elif isinstance(layer, nn.Linear):
+                weight, bias = p("weight"), p("bias")
+                if h.shape[0] == 1 < n_models:  # shared inputs: (1, B, in) @ (in, M * out)
+                    h = torch.addmm(bias.reshape(-1), h[0], weight.transpose(0, 1).reshape(weight.shape[1], -1))
+                    h = h.reshape(batch, n_models, -1).transpose(0, 1)
+                else:
+                    h = torch.baddbmm(bias[:, None, :], h, weight)
+            elif isinstance(layer, nn.Conv2d):
+                weight, bias = p("weight"), p("bias")
+                h = F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
+                             layer.stride, layer.padding, layer.dilation, groups=n_models)
+            elif isinstance(layer, nn.BatchNorm2d):
+                h = F.batch_norm(h, self.buffers[f"{k}.running_mean"], self.buffers[f"{k}.running_var"],
+                                 p("weight").reshape(-1), p("bias").reshape(-1), training, layer.momentum, layer.eps)
+            elif isinstance(layer, nn.MaxPool2d):
+                h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding)
+            elif isinstance(layer, nn.AdaptiveAvgPool2d):
+                if layer.output_size not in (1, (1, 1)):
+                    raise ValueError("cannot stack AdaptiveAvgPool2d to more than 1x1")
+                h = h.mean((2, 3), keepdim=True)
+            else:
+                h = _ACTIVATIONS[type(layer)](h)
         return h
 
     @torch.no_grad()
-    def module(self, m: int) -> torch.nn.Module:
-        """Model m as an ordinary module holding its current stacked weights."""
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[float, float]]:
+        """Every model's (mean cross-entropy, accuracy) on one data split, in eval mode: the same
+        definition as `zoo.evaluation.evaluate` (batches of `batch_size` or fewer, each batch's
+        summed loss added in double precision), computed for all models at once. A model loaded
+        from the store reproduces these numbers to float rounding (about 1e-7 relative)."""
+        device = self.params[0].device
+        n_models = len(self.specs)
+        # bound the activations held at once (M x batch x widest feature map) to ~64 MB
+        widest = max(p.shape[1 if p.dim() == 2 else 1] for p in self.params if p.dim() >= 2) * max(1, math.prod(x.shape[2:]))
+        chunk = max(1, min(batch_size, (1 << 24) // (n_models * widest)))
+        losses, correct = torch.zeros(n_models, dtype=torch.float64, device=device), torch.zeros(n_models, dtype=torch.int64, device=device)
+        for start in range(0, len(x), chunk):
+            logits = self.logits(x[start : start + chunk].to(device), training=False)
+            target = y[start : start + chunk].to(device).expand(n_models, -1)
+            losses += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1).double()
+            correct += (logits.argmax(2) == target).sum(1)
+        return [(float(loss) / len(x), int(c) / len(x)) for loss, c in zip(losses.cpu(), correct.cpu())]
+
+    @torch.no_grad()
+    def module(self, m: int) -> nn.Module:
+        """Model m as an ordinary module holding its current stacked weights and statistics."""
         model = self.references[m]
-        linears = [layer for layer in model if isinstance(layer, torch.nn.Linear)]
-        for layer, w, b in zip(linears, self.weights, self.biases):
-            layer.weight.copy_(w[m].T)
-            layer.bias.copy_(b[m, 0])
+        params = dict(model.named_parameters())
+        for name, stacked in zip(self.names, self.params):
+            params[name].copy_(stacked[m].T if self._is_linear_weight(name) else stacked[m])
+        for name, buffer in model.named_buffers():
+            if name in self.buffers:
+                size = buffer.numel()
+                buffer.copy_(self.buffers[name][m * size : (m + 1) * size])
+            else:  # num_batches_tracked
+                buffer.fill_(self.steps)
         return model
 
-    def flat(self, m: int) -> torch.Tensor:
-        """Model m's parameters as the reference path flattens them (weights out x in)."""
-        pieces = []
-        for w, b in zip(self.weights, self.biases):
-            pieces += [w[m].detach().T.reshape(-1), b[m, 0].detach()]
-        return torch.cat(pieces)
+
+def run_device() -> torch.device:
+    """The device stacks train on, chosen at run time: $ZOO_DEVICE if set, else CUDA when there
+    is one, else the CPU."""
+    name = os.environ.get("ZOO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def train_stack(specs: list[ModelSpec], data: Data) -> list[TrainedModel]:
-    """Train the stackable models `specs` (one `stack_key`) together; one TrainedModel each."""
-    if len({stack_key(s) for s in specs}) != 1 or stack_key(specs[0]) is None:
-        raise ValueError("train_stack takes models of one stack_key")
+def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str | None = None) -> list[TrainedModel]:
+    """Train the stackable models `specs` (one `shape_key`) together; one TrainedModel each.
+
+    The stack trains on `device` (default `run_device()`); batches are drawn and augmented on the
+    CPU from each model's own generators, exactly as the reference path draws them, and the
+    curves are evaluated on the CPU by the shared `evaluate`, so stored numbers reproduce when a
+    model is loaded anywhere."""
+    if len({shape_key(s) for s in specs}) != 1 or shape_key(specs[0]) is None:
+        raise ValueError("train_stack takes models of one shape_key")
     start = time.perf_counter()
     t = specs[0].training
-    stack = _Stack(specs)
+    device = torch.device(device) if device is not None else run_device()
+    stack = _Stack(specs, device)
     n_models, n_train = len(specs), len(data.x_train)
-    x_train = data.x_train.reshape(n_train, -1)
-    lrs, momenta = _schedules(specs, n_train)  # (steps + 1, M, 1, 1) each
-    decay = torch.tensor([s.training.weight_decay for s in specs]).reshape(-1, 1, 1)
+    y_train = data.y_train.to(device)
+    lrs, momenta = (s.to(device) for s in _schedules(specs, n_train))  # (steps + 1, M, 1, 1) each
+    decay = torch.tensor([s.training.weight_decay for s in specs], device=device).reshape(-1, 1, 1)
     decay = decay if decay.any() else None
     buffers: list[torch.Tensor | None] = [None] * len(stack.params)
     streams = [epoch_batches(n_train, t, torch.Generator().manual_seed(derive_seed(s.seed, "data"))) for s in specs]
+    augmentations = [torch.Generator().manual_seed(derive_seed(s.seed, "augment")) for s in specs]
     wanted = set(specs[0].checkpoints)
     curves: list[list[dict]] = [[] for _ in specs]
     checkpoints: list[dict[int, torch.Tensor]] = [{} for _ in specs]
 
     def record(epoch: int) -> None:
-        # Curves by the one evaluation every stage uses, on each model as a module: a model
-        # loaded from the store reproduces its stored numbers exactly.
-        for m in range(n_models):
-            model = stack.module(m)
-            train_loss, train_acc = evaluate(model, data.x_train, data.y_train, t.eval_batch_size)
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test, t.eval_batch_size)
+        # Evaluating model by model cost as much as training the stack (measured on digits
+        # MLPs), so all models are evaluated at once: equal to `evaluate` to float rounding.
+        train_scores = stack.evaluate(data.x_train, data.y_train, t.eval_batch_size)
+        test_scores = stack.evaluate(data.x_test, data.y_test, t.eval_batch_size)
+        for m, ((train_loss, train_acc), (test_loss, test_acc)) in enumerate(zip(train_scores, test_scores)):
             curves[m].append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc))
             if epoch in wanted:
-                checkpoints[m][epoch] = stack.flat(m).numpy().copy()
+                checkpoints[m][epoch] = flatten(stack.module(m))
 
     record(0)
     step_count = 0
@@ -145,14 +252,18 @@ def train_stack(specs: list[ModelSpec], data: Data) -> list[TrainedModel]:
         per_model = [next(stream) for stream in streams]
         for step in range(len(per_model[0])):
             idx = torch.stack([batches[step] for batches in per_model])  # (M, B)
-            logits = stack.logits(x_train[idx])
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data.y_train[idx].reshape(-1), reduction="none")
+            x = data.x_train[idx]  # (M, B, *input_shape)
+            if t.augmentation == "flip-crop":  # each model's own stream, drawn as the reference path draws it
+                x = torch.stack([augment(x[m], t.crop_padding, augmentations[m]) for m in range(n_models)])
+            logits = stack.logits(x.to(device, non_blocking=True))
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_train[idx.to(device)].reshape(-1), reduction="none")
             # The sum over models of each model's mean loss: model m's gradient is its own.
             grads = torch.autograd.grad(losses.reshape(n_models, -1).mean(1).sum(), stack.params)
             with torch.no_grad():
                 for k, (p, g) in enumerate(zip(stack.params, grads)):
                     buffers[k] = _sgd_step(p, g, buffers[k], lrs[step_count], momenta[step_count], decay, t.nesterov)
             step_count += 1
+            stack.steps += 1
         record(epoch)
     seconds = (time.perf_counter() - start) / n_models
     index = tensor_index(stack.references[0])

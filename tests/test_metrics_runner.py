@@ -113,9 +113,10 @@ def test_nan_weights_give_nan_rows_and_a_warning(smoke_root, tmp_path):
     shutil.copytree(smoke_root, root)
     z = zoo.open(root)
     model_id = z.models()["model_id"][0]
-    part = Store(root).part_path("checkpoints", "smoke", model_id)
+    [part] = Store(root).zoo_dir("checkpoints", "smoke").glob("pack-*.parquet")  # generate packed the zoo
     table = pq.read_table(part)
-    weights = [np.full(len(w), np.nan, dtype=np.float32) for w in table.column("weights").to_pylist()]
+    weights = [np.full(len(w), np.nan, dtype=np.float32) if m == model_id else w
+               for m, w in zip(table.column("model_id").to_pylist(), table.column("weights").to_pylist())]
     table = table.set_column(table.schema.get_field_index("weights"), "weights", pa.array(weights, pa.list_(pa.float32())))
     pq.write_table(table, part)
     report = run_metrics(smoke_with(CHEAP), Store(root, create=True), ["spectral", "hessian", "cka"], "final",

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from generators.training import augment, derive_seed, epoch_batches, train
+from zoo.architectures import build_model
 from zoo.catalog import Training, parse_zoo
 from zoo.datasets import load_dataset
 from zoo.evaluation import evaluate
@@ -122,6 +123,54 @@ def test_stacked_training_equals_the_reference_path():
         assert np.abs(result.checkpoints[1] - reference.checkpoints[1]).max() < 1e-5
         assert abs(result.curves[-1]["test_acc"] - reference.curves[-1]["test_acc"]) <= 2 / len(data.y_test)
         assert [e.name for e in result.index] == [e.name for e in reference.index]
+        # the stack's own evaluation equals the one-model evaluation of the stored weights
+        model = build_model(spec.architecture, spec.input_shape, spec.n_classes)
+        model.load_state_dict(unflatten(result.checkpoints[2], result.index))
+        for split, (x, y) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
+            loss, acc = evaluate(model, x, y)
+            assert abs(result.curves[-1][f"{split}_loss"] - loss) < 1e-6 * max(1.0, loss)
+            assert result.curves[-1][f"{split}_acc"] == acc
+
+
+CNN_STACK_ZOO = {
+    "description": "cnn stack",
+    "dataset": {"name": "digits", "train_size": 200},
+    "architecture": {"name": "cnn", "width": 3, "depth": 2},
+    "load": {"name": "weight_decay", "values": [0.0, 5e-4]},
+    "temperature": {"name": "lr", "values": [0.02, 0.1]},
+    "seeds": [0],
+    "training": {"lr": 0.05, "epochs": 2, "batch_size": 16, "schedule": "cosine", "augmentation": "flip-crop", "crop_padding": 1},
+    "checkpoints": [0, 1, 2],
+}
+
+
+def test_stacked_cnns_with_batchnorm_and_augmentation_equal_the_reference_path():
+    from generators.stacked import group_into_stacks, train_stack
+
+    specs = parse_zoo("cnn", CNN_STACK_ZOO).models()
+    assert [len(s) for s in group_into_stacks(specs)] == [4]  # small images and batches: stacked
+    data = load_dataset(specs[0].dataset)
+    for spec, result in zip(specs, train_stack(specs, data)):
+        reference = train(spec, data)
+        assert np.array_equal(result.checkpoints[0], reference.checkpoints[0])
+        # parameters, BatchNorm running statistics and its step counter, after each epoch
+        assert np.abs(result.checkpoints[1] - reference.checkpoints[1]).max() < 1e-5
+        assert np.abs(result.checkpoints[2] - reference.checkpoints[2]).max() < 1e-5
+        assert result.checkpoints[2][-1] == reference.checkpoints[2][-1] == 2 * 13  # num_batches_tracked
+        assert abs(result.curves[-1]["test_acc"] - reference.curves[-1]["test_acc"]) <= 2 / len(data.y_test)
+        model = build_model(spec.architecture, spec.input_shape, spec.n_classes)
+        model.load_state_dict(unflatten(result.checkpoints[2], result.index))
+        loss, acc = evaluate(model, data.x_test, data.y_test)  # eval mode: BatchNorm's running statistics
+        assert abs(result.curves[-1]["test_loss"] - loss) < 1e-6 * max(1.0, loss) and result.curves[-1]["test_acc"] == acc
+
+
+def test_large_convolutions_take_the_reference_path_on_a_cpu():
+    from generators.stacked import shape_key, stack_key
+
+    big = parse_zoo("cnn", dict(CNN_STACK_ZOO, architecture={"name": "cnn", "width": 64, "depth": 2},
+                                training=dict(CNN_STACK_ZOO["training"], batch_size=128))).models()[0]
+    assert shape_key(big) is not None
+    assert stack_key(big) is None or torch.cuda.is_available()
 
 
 def test_stacks_are_cut_from_the_whole_zoo_so_reruns_give_the_same_bits(tmp_path):

@@ -18,8 +18,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -101,12 +99,16 @@ class Zoo:
             raise ZooError(f"no model {missing[0]!r} in {self.root}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if info["n_params"].nunique() > 1:
             raise ZooError("weights(): the models have different parameter counts; select one architecture and width")
-        rows = []
-        for (zoo, epochs), group in info.loc[model_ids].groupby(["zoo", "epochs"], sort=False):
-            ids = list(group.index)
-            rows.append((ids, self._vectors(zoo, ids, int(epochs) if epoch is None else int(epoch))))
-        by_id = {m: v for ids, vectors in rows for m, v in zip(ids, vectors)}
-        matrix = np.stack([by_id[m] for m in model_ids])
+        groups = list(info.loc[model_ids].groupby(["zoo", "epochs"], sort=False))
+        if len(groups) == 1:  # one zoo and recipe: the matrix comes back in the requested order
+            (zoo, epochs), _ = groups[0]
+            matrix = self._vectors(zoo, model_ids, int(epochs) if epoch is None else int(epoch))
+        else:
+            by_id = {}
+            for (zoo, epochs), group in groups:
+                ids = list(group.index)
+                by_id.update(zip(ids, self._vectors(zoo, ids, int(epochs) if epoch is None else int(epoch))))
+            matrix = np.stack([by_id[m] for m in model_ids])
         if not buffers:
             matrix = matrix[:, : int(info["n_params"].iloc[0])]
         return torch.from_numpy(np.ascontiguousarray(matrix))
@@ -131,22 +133,23 @@ class Zoo:
 
     def _vectors(self, zoo: str, model_ids: list[str], epoch: int) -> np.ndarray:
         """(N, n_values) float32: the stored flat states of models of one zoo at one epoch."""
-        paths = [str(self.store.part_path("checkpoints", zoo, m)) for m in model_ids]
-        table = ds.dataset(paths, format="parquet").to_table(
-            columns=["model_id", "weights"], filter=pc.field("epoch") == epoch
-        )
+        table = self.store.read_model_rows("checkpoints", zoo, model_ids, ["model_id", "weights"], pc.field("epoch") == epoch)
         found = table.column("model_id").to_pylist()
-        if len(found) != len(model_ids):
-            lacking = sorted(set(model_ids) - set(found))
+        lacking = sorted(set(model_ids) - set(found))
+        if lacking:
             raise ZooError(f"no checkpoint at epoch {epoch} for model {lacking[0]!r}")
         weights = table.column("weights").combine_chunks()
         flat = weights.values.to_numpy(zero_copy_only=False)
+        if len(flat) % len(found):
+            raise ZooError(f"checkpoints of zoo {zoo!r} at epoch {epoch} have different lengths")
         matrix = flat.reshape(len(found), -1)
         order = {m: i for i, m in enumerate(found)}
         return matrix[[order[m] for m in model_ids]]
 
     def _index(self, zoo: str, model_id: str) -> list[TensorEntry]:
-        table = pq.read_table(self.store.part_path("tensors", zoo, model_id)).sort_by("position")
+        table = self.store.read_model_rows("tensors", zoo, [model_id]).sort_by("position")
+        if not len(table):
+            raise ZooError(f"no tensor index for model {model_id!r} in {self.root}")
         return [
             TensorEntry(r["name"], tuple(r["shape"]), r["offset"], r["numel"], r["dtype"], r["kind"])
             for r in table.to_pylist()

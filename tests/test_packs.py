@@ -1,0 +1,103 @@
+"""Packs: per-model parts merged into a few files, crash-safe, readable alongside per-model parts."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import zoo
+from generators import jobs
+from generators.launcher import missing_models
+from zoo.catalog import load_catalog
+from zoo.storage import Store
+
+from .conftest import REPO
+from .test_generate import fingerprint
+
+
+@pytest.fixture(scope="module")
+def unpacked(tmp_path_factory):
+    """The smoke zoo stored by jobs alone: one part per model and table, nothing packed."""
+    root = tmp_path_factory.mktemp("unpacked")
+    specs = load_catalog(REPO / "catalog.yaml")["smoke"].models()
+    jobs.train_and_store(str(root), jobs.work_items(specs, {s.model_id for s in specs}))
+    Store(root).write_index()
+    return root
+
+
+def parts(root, table="checkpoints"):
+    return sorted(p.name for p in Store(root).zoo_dir(table, "smoke").iterdir())
+
+
+def test_generate_packs_the_zoo_and_nothing_changes_but_the_files(smoke_root, unpacked):
+    assert all(name.startswith("pack-") for name in parts(smoke_root))
+    assert len(parts(unpacked)) == 8
+    assert fingerprint(smoke_root) == fingerprint(unpacked)
+    a, b = zoo.open(smoke_root), zoo.open(unpacked)
+    ids = list(b.models()["model_id"])
+    widths = b.sql("select model_id, width from models").set_index("model_id")["width"]
+    same = [m for m in ids if widths[m] == 8]
+    assert np.array_equal(a.weights(same).numpy(), b.weights(same).numpy())
+    for table in ("curves", "tensors", "models"):
+        query = f"select * exclude (created_at, train_seconds) from {table} order by all" if table == "models" else f"select * from {table} order by all"
+        assert a.sql(query).equals(b.sql(query))
+
+
+def test_packed_and_per_model_parts_read_together(unpacked, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(unpacked, root)
+    store = Store(root)
+    ids = sorted(zoo.open(root).sql("select model_id from models where width = 32")["model_id"])
+    before = zoo.open(root).weights(ids, epoch=1)
+    for table in ("checkpoints", "curves", "tensors", "models"):  # half the models packed, by hand
+        for model_id in ids[:2]:
+            (store.zoo_dir(table, "smoke") / f"{model_id}.parquet").rename(tmp_path / f"{table}-{model_id}")
+    assert store.pack("smoke") == 6
+    for table in ("checkpoints", "curves", "tensors", "models"):
+        for model_id in ids[:2]:
+            (tmp_path / f"{table}-{model_id}").rename(store.zoo_dir(table, "smoke") / f"{model_id}.parquet")
+    store.write_index()
+    z = zoo.open(root)
+    assert np.array_equal(z.weights(ids, epoch=1).numpy(), before.numpy())
+    assert z.load_model(ids[0]) is not None and z.load_model(ids[-1]) is not None
+    assert store.stored_ids("models", "smoke") == set(z.models()["model_id"]) and len(z.models()) == 8
+    assert store.pack("smoke") == 2 and len(parts(root)) == 2  # a second pack for the rest
+
+
+def test_a_crash_while_packing_loses_nothing_and_the_next_run_finishes_it(unpacked, tmp_path, monkeypatch):
+    root = tmp_path / "r"
+    shutil.copytree(unpacked, root)
+    expected = fingerprint(root)
+    store = Store(root)
+    monkeypatch.setattr(Store, "finish_packs", lambda self, zoo: None)  # die after writing the pending packs
+    store.pack("smoke")
+    monkeypatch.undo()
+    assert any(name.endswith(".pending") for name in parts(root))
+    # and halfway through putting them in place: some tables' per-model parts already removed
+    for name in parts(root, "curves"):
+        if not name.startswith("pack-"):
+            (store.zoo_dir("curves", "smoke") / name).unlink()
+    zoo_config = load_catalog(REPO / "catalog.yaml")["smoke"]
+    assert store.stored_ids("models", "smoke") == {s.model_id for s in zoo_config.models()}
+    assert missing_models(zoo_config, store) == []  # finishes the packs; nothing to retrain
+    assert not any(name.endswith(".pending") for name in parts(root))
+    store.write_index()
+    assert fingerprint(root) == expected
+    assert len(zoo.open(root).sql("select * from curves")) == 8 * 4
+
+
+def test_a_model_stored_again_by_a_second_run_is_not_packed_twice(unpacked, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(unpacked, root)
+    store = Store(root)
+    model_id = parts(root, "models")[0].removesuffix(".parquet")
+    copies = {t: (store.zoo_dir(t, "smoke") / f"{model_id}.parquet").read_bytes() for t in ("checkpoints", "curves", "tensors", "models")}
+    store.pack("smoke")
+    for table, data in copies.items():  # a run that trained it at the same time stores it again
+        (store.zoo_dir(table, "smoke") / f"{model_id}.parquet").write_bytes(data)
+    store.pack("smoke")
+    assert parts(root) == [p for p in parts(root) if p.startswith("pack-")] and len(parts(root)) == 1
+    store.write_index()
+    fingerprint(root)  # fails on any duplicate row
