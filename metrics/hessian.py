@@ -15,6 +15,12 @@ each submodule's training flag and the parameters' ``.grad`` as they were before
   products than power iteration) and the trace by Hutch++ (Meyer, Musco, Musco & Woodruff 2021:
   the trace of a low-rank sketch, exact, plus Hutchinson on the deflated rest; variance O(1/m^2)
   instead of O(1/m) for m products).
+- The fast path, both at once: ``krylov_top_eigenvalues_and_trace`` builds one block Krylov space
+  [S, HS, H^2 S, ...] from a Rademacher block S until the top Ritz values have converged
+  (residual test); its Ritz values are the top eigenvalues, tr(Q^T H Q) is the trace on that
+  space, exactly, and Hutchinson probes projected off it estimate the rest ("Krylov-aware" trace
+  estimation, Chen & Hallman 2023). The space contains Hutch++'s sketch range(HS), so the same
+  products serve both quantities, and they are computed a block at a time.
 - The spectral density is stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019,
   "An Investigation into Neural Net Optimization via Hessian Eigenvalue Density"), written
   here because PyHessian 0.1's ``density()`` calls ``torch.eig``, which torch removed.
@@ -89,6 +95,36 @@ class HessianTrace(_Result):
     tol: float
     seed: int
     n_samples: int
+
+
+@dataclass(frozen=True)
+class TopEigenvaluesAndTrace(_Result):
+    """Top Hessian eigenvalues and trace from one block Krylov space (see
+    ``krylov_top_eigenvalues_and_trace``).
+
+    ``residuals`` are the residual norms ||H x - theta x|| of the top Ritz pairs (each eigenvalue
+    is within its residual of an eigenvalue of H); ``vhv`` the deflated Hutchinson probe values;
+    ``krylov_dim`` the dimension of the Krylov space; ``n_probes`` the Hessian-vector products
+    used in all (Krylov space + probes), as in ``hutchpp_trace``.
+    """
+
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvalues", "trace", "residuals", "vhv")
+
+    eigenvalues: list[float]
+    trace: float
+    residuals: list[float] = field(repr=False)
+    vhv: list[float] = field(repr=False)
+    top_n: int
+    block: int
+    eig_tol: float
+    max_blocks: int
+    trace_tol: float
+    max_probes: int
+    min_probes: int
+    seed: int
+    n_samples: int
+    krylov_dim: int
+    n_probes: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,8 +275,7 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
 
     with eval_mode(model):
         def apply(block: torch.Tensor) -> torch.Tensor:
-            return torch.stack([_hvp_flat(model, params, batches, n_samples, block[:, i].contiguous())
-                                for i in range(block.shape[1])], dim=1)
+            return _hvp_block(model, params, batches, n_samples, block)
 
         q, _ = torch.linalg.qr(apply(rademacher(min(sketch, n_params))))
         low_rank = float(torch.trace(q.T @ apply(q)))
@@ -257,6 +292,95 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
     rest = float(np.mean(vhv)) if vhv else 0.0
     return HessianTrace(trace=low_rank + rest, vhv=vhv, n_probes=2 * q.shape[1] + len(vhv),
                         max_iter=max_probes, tol=tol, seed=seed, n_samples=n_samples)
+
+
+def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: int = 1, block: int = 8,
+                                     eig_tol: float = 1e-3, max_blocks: int = 20, trace_tol: float = 0.02,
+                                     max_probes: int = 200, min_probes: int = 10,
+                                     seed: int = 0) -> TopEigenvaluesAndTrace:
+    """Top ``top_n`` eigenvalues and the trace of the Hessian from one block Krylov space.
+
+    Block Lanczos (full reorthogonalisation) from a block S of ``max(block, top_n)`` Rademacher
+    vectors: Q spans [S, HS, ..., H^(j-1) S], grown a block at a time until the residual
+    ||H x - theta x|| of each of the top ``top_n`` Ritz pairs (theta, x) is at most ``eig_tol``
+    times |theta| (then each theta lies within that relative distance of an eigenvalue of H; its
+    error is typically of the order of the residual squared over the eigengap), never before
+    two blocks (so that Q contains range(HS), Hutch++'s sketch), and at most ``max_blocks``
+    blocks. The eigenvalues are the top Ritz values; the trace is tr(Q^T H Q), exact on that
+    space, plus Hutchinson probes projected off Q for tr((I - QQ^T) H (I - QQ^T)), drawn ten at a
+    time until the standard error falls below ``trace_tol`` times the total, or ``max_probes``
+    are used (never fewer than ``min_probes``). Exact once the space reaches the parameter count.
+    Every Hessian-vector product serves both quantities, and each block of them is one batched
+    double-backward pass. Deterministic for a given ``seed``; the global torch RNG is untouched.
+    """
+    # Written here: no library offers a block Krylov eigensolver over a matrix-free batched
+    # operator that also hands back its basis for trace deflation (torch.lobpcg needs an explicit
+    # matrix, scipy's eigsh/lobpcg neither batch through autograd nor return the Krylov space).
+    _check_positive_int(top_n, "top_n")
+    _check_positive_int(block, "block")
+    _check_positive_int(max_blocks, "max_blocks")
+    _check_positive_int(max_probes, "max_probes")
+    _check_positive_int(min_probes, "min_probes")
+    if not eig_tol >= 0:
+        raise ValueError(f"eig_tol must be >= 0, got {eig_tol!r}")
+    if not trace_tol >= 0:
+        raise ValueError(f"trace_tol must be >= 0, got {trace_tol!r}")
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    n_params = sum(p.numel() for p in params)
+    if top_n > n_params:
+        raise ValueError(f"top_n ({top_n}) exceeds the number of parameters ({n_params})")
+    generator = torch.Generator().manual_seed(seed)
+    breakdown = 10 * torch.finfo(torch.float32).eps  # the products' precision, as in _lanczos
+
+    def rademacher(columns: int) -> torch.Tensor:
+        return torch.randint(0, 2, (n_params, columns), generator=generator, dtype=torch.float64) * 2 - 1
+
+    def deflate(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):  # classical Gram-Schmidt twice
+            w = w - q @ (q.T @ w)
+        return w
+
+    with eval_mode(model):
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            return _hvp_block(model, params, batches, n_samples, v)
+
+        start = rademacher(min(max(block, top_n), n_params))
+        new = _orthonormal_columns(start, 1e-8 * float(torch.linalg.matrix_norm(start, 2)))
+        bases: list[torch.Tensor] = []
+        images: list[torch.Tensor] = []
+        for _ in range(max_blocks):
+            bases.append(new)
+            images.append(apply(new))
+            q, hq = torch.cat(bases, dim=1), torch.cat(images, dim=1)
+            t = q.T @ hq
+            theta, u = torch.linalg.eigh((t + t.T) / 2)
+            theta, u = theta.flip(0)[:top_n], u.flip(1)[:, :top_n]
+            residuals = torch.linalg.vector_norm(hq @ u - (q @ u) * theta, dim=0)
+            scale = float(theta.abs().max())
+            converged = bool((residuals <= torch.clamp(eig_tol * theta.abs(), min=breakdown * scale)).all())
+            if q.shape[1] >= n_params or (converged and len(bases) >= 2) or len(bases) == max_blocks:
+                break
+            rest = deflate(images[-1], q)
+            new = deflate(_orthonormal_columns(rest, breakdown * max(scale, float(torch.linalg.matrix_norm(t, 2)))), q)
+            if new.shape[1] == 0:  # an invariant subspace: the Ritz values are eigenvalues
+                break
+        low_rank = float(torch.trace(t))
+        vhv: list[float] = []
+        exhausted = q.shape[1] >= n_params  # the space spans everything: the trace is exact
+        while not exhausted and len(vhv) < max_probes:
+            probes = deflate(rademacher(min(10, max_probes - len(vhv))), q)
+            vhv += (probes * apply(probes)).sum(0).tolist()
+            if len(vhv) >= max(min_probes, 2):
+                stderr = float(np.std(vhv, ddof=1) / np.sqrt(len(vhv)))
+                if stderr <= trace_tol * abs(low_rank + float(np.mean(vhv))):
+                    break
+    rest_trace = float(np.mean(vhv)) if vhv else 0.0
+    return TopEigenvaluesAndTrace(
+        eigenvalues=theta.tolist(), trace=low_rank + rest_trace, residuals=residuals.tolist(), vhv=vhv,
+        top_n=top_n, block=block, eig_tol=eig_tol, max_blocks=max_blocks, trace_tol=trace_tol,
+        max_probes=max_probes, min_probes=min_probes, seed=seed, n_samples=n_samples,
+        krylov_dim=q.shape[1], n_probes=q.shape[1] + len(vhv))
 
 
 def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -357,6 +481,43 @@ def _hvp_flat(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_
         for acc, product in zip(total, products):
             acc.add_(product)
     return torch.cat([t.reshape(-1) for t in total]).to(v.device, torch.float64)
+
+
+def _hvp_block(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_samples: int,
+               block: torch.Tensor) -> torch.Tensor:
+    """H V for the columns of ``block`` (n_params x k), as a float64 matrix of the same shape.
+
+    One forward and gradient pass per batch, then one double-backward pass with the k tangents
+    batched (``is_grads_batched``: autograd vmaps the backward graph), so the per-product
+    overhead of ``_hvp_flat`` is paid once per block; on 640-sample digits MLPs (widths 8, 32)
+    a product costs 2-5x less in blocks of 8-32. Same conventions as ``_hvp_flat``.
+    """
+    k = block.shape[1]
+    pieces = [chunk.T.reshape(k, *p.shape).to(p)
+              for chunk, p in zip(block.split([p.numel() for p in params]), params)]
+    total = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+    device = params[0].device
+    for x, y in batches:
+        loss = F.cross_entropy(model(x.to(device)), y.to(device)) * (len(x) / n_samples)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        pairs = [(g, piece) for g, piece in zip(grads, pieces) if g.requires_grad]
+        if not pairs:
+            continue
+        products = torch.autograd.grad([g for g, _ in pairs], params,
+                                       grad_outputs=[piece for _, piece in pairs],
+                                       is_grads_batched=True, allow_unused=True,
+                                       materialize_grads=True)
+        for acc, product in zip(total, products):
+            acc.add_(product)
+    return torch.cat([t.reshape(k, -1) for t in total], dim=1).T.to(block.device, torch.float64)
+
+
+def _orthonormal_columns(w: torch.Tensor, floor: float) -> torch.Tensor:
+    """An orthonormal basis of the span of ``w``'s columns, without the directions whose singular
+    value is at most ``floor`` (an SVD: QR without pivoting does not reveal the rank)."""
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)
+    return u[:, s > floor]
 
 
 class _CountingHessian(pyhessian.hessian):

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrics.hessian import exact_hessian, hessian_density, hessian_top_eigenvalues, hessian_trace, hvp
+from metrics.hessian import (_hvp_block, exact_hessian, hessian_density, hessian_top_eigenvalues, hessian_trace,
+                             hutchpp_trace, hvp, krylov_top_eigenvalues_and_trace, lanczos_top_eigenvalues)
 
 N_SAMPLES = 232
 BATCH_SIZES = (160, 72)  # unequal on purpose: batches must be weighted by their size
@@ -106,6 +107,92 @@ def test_hvp_matches_exact(mlp_case):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_hvp_block_matches_exact(mlp_case):
+    model, batches, hess, _ = mlp_case
+    block = torch.randn(hess.shape[0], 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = hess @ block
+    got = _hvp_block(model, list(model.parameters()), batches, N_SAMPLES, block)
+    assert got.shape == block.shape and got.dtype == torch.float64
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
+
+
+def test_krylov_top_eigenvalues_and_trace_match_exact(mlp_case):
+    model, batches, hess, spectrum = mlp_case
+    stale = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), stale):
+        p.grad = g
+    rng = torch.random.get_rng_state()
+    result = krylov_top_eigenvalues_and_trace(model, batches, top_n=2, block=8, eig_tol=1e-3, seed=1)
+    # each Ritz value lies within its residual of an eigenvalue; the stop made that <= 1e-3 relative
+    for k in range(2):
+        assert result.residuals[k] <= 1e-3 * abs(result.eigenvalues[k])
+        assert result.eigenvalues[k] == pytest.approx(spectrum[-1 - k].item(), rel=1e-3)
+        assert result.eigenvalues[k] <= spectrum[-1 - k].item() + 1e-6  # Ritz values bound from below
+    # the Krylov space is a fraction of the 303 parameters, so the deflated probes did some work
+    assert 16 <= result.krylov_dim < hess.shape[0] and result.krylov_dim % 8 == 0
+    assert len(result.vhv) >= 10 and result.n_probes == result.krylov_dim + len(result.vhv)
+    assert result.trace == pytest.approx(hess.trace().item(), rel=0.05)
+    assert result.settings() == {"top_n": 2, "block": 8, "eig_tol": 1e-3, "max_blocks": 20, "trace_tol": 0.02,
+                                 "max_probes": 200, "min_probes": 10, "seed": 1, "n_samples": N_SAMPLES,
+                                 "krylov_dim": result.krylov_dim, "n_probes": result.n_probes}
+    assert all(p.grad is g for p, g in zip(model.parameters(), stale))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert model.training
+    for p in model.parameters():
+        p.grad = None
+    assert krylov_top_eigenvalues_and_trace(model, batches, top_n=2, block=8, eig_tol=1e-3, seed=1) == result
+
+
+def test_krylov_trace_is_unbiased_and_deflation_cuts_its_variance(mlp_case):
+    """Over 20 seeds, 10 probes each: projected off one block (8 random directions: about plain
+    Hutchinson, 10% relative std here) against off four Krylov blocks (which hold the top of the
+    spectrum: 3% here); the deflated estimates must average to the exact trace."""
+    model, batches, hess, _ = mlp_case
+    exact = hess.trace().item()
+    errors = {}
+    for blocks in (1, 4):
+        results = [krylov_top_eigenvalues_and_trace(model, batches, eig_tol=0.0, max_blocks=blocks, trace_tol=0.0,
+                                                    max_probes=10, seed=seed) for seed in range(20)]
+        assert {(r.krylov_dim, len(r.vhv)) for r in results} == {(8 * blocks, 10)}
+        errors[blocks] = np.array([r.trace / exact - 1 for r in results])
+    assert errors[4].std() < 0.5 * errors[1].std()
+    assert abs(errors[4].mean()) < 3 * errors[4].std() / np.sqrt(20)
+
+
+def test_krylov_stops_on_the_residual_and_caps_the_blocks(mlp_case):
+    model, batches, _, spectrum = mlp_case
+    loose = krylov_top_eigenvalues_and_trace(model, batches, eig_tol=1e3, trace_tol=1.0)  # converged at once
+    tight = krylov_top_eigenvalues_and_trace(model, batches, eig_tol=1e-6, trace_tol=1.0)
+    capped = krylov_top_eigenvalues_and_trace(model, batches, eig_tol=0.0, max_blocks=3, trace_tol=1.0)
+    assert loose.krylov_dim == 16 < tight.krylov_dim  # never fewer than two blocks
+    assert tight.residuals[0] <= 1e-6 * tight.eigenvalues[0]
+    assert tight.eigenvalues[0] == pytest.approx(spectrum[-1].item(), rel=1e-6)
+    assert capped.krylov_dim == 24 and capped.residuals[0] > 0
+
+
+def test_krylov_is_exact_once_the_space_spans_every_parameter():
+    """nn.Linear(2, 3): 9 parameters, so a second block of 8 fills the space: no probes."""
+    torch.manual_seed(0)
+    x, y = _data(n_in=2)
+    model = _trained(nn.Linear(2, 3), x, y)
+    hess = exact_hessian(model, x, y)
+    spectrum = torch.linalg.eigvalsh(hess)
+    result = krylov_top_eigenvalues_and_trace(model, _batches(x, y), top_n=3)
+    assert result.krylov_dim == 9 and result.vhv == [] and result.n_probes == 9
+    assert result.trace == pytest.approx(hess.trace().item(), rel=1e-5)
+    assert result.eigenvalues == pytest.approx(spectrum.flip(0)[:3].tolist(), rel=1e-4)
+
+
+def test_lanczos_and_hutchpp_match_exact(mlp_case):
+    model, batches, hess, spectrum = mlp_case
+    top = lanczos_top_eigenvalues(model, batches, top_n=2, n_iter=40)
+    assert top.eigenvalues == pytest.approx(spectrum.flip(0)[:2].tolist(), rel=1e-3)
+    trace = hutchpp_trace(model, batches, sketch=20, tol=0.02)
+    assert len(trace.vhv) >= 10 and trace.n_probes == 40 + len(trace.vhv)
+    assert trace.trace == pytest.approx(hess.trace().item(), rel=0.05)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_density_weights_support_and_top_ritz_value(mlp_case):
     model, batches, _, spectrum = mlp_case
     lo, hi = spectrum[0].item(), spectrum[-1].item()
@@ -160,8 +247,10 @@ def test_batchnorm_model_uses_eval_mode_and_leaves_state_untouched():
     top = hessian_top_eigenvalues(model, batches, max_iter=1000, tol=1e-6)
     trace = hessian_trace(model, batches, max_iter=5)
     density = hessian_density(model, batches, n_iter=30)
+    both = krylov_top_eigenvalues_and_trace(model, batches)
 
     assert top.eigenvalues[0] == pytest.approx(spectrum[-1].item(), rel=1e-2)
+    assert both.eigenvalues[0] == pytest.approx(spectrum[-1].item(), rel=1e-3)
     assert np.isfinite(trace.trace) and trace.n_probes <= 5
     assert density.eigenvalues.max() == pytest.approx(spectrum[-1].item(), rel=1e-3)
     assert model.training and model[0].training and not model[1].training
@@ -185,6 +274,8 @@ def test_parameters_unused_by_the_loss_get_zero_rows():
     v = torch.ones(2 * (8 * 3 + 3))
     product = hvp(model, _batches(x, y), v)
     assert torch.all(product[27:] == 0) and torch.any(product[:27] != 0)
+    block = _hvp_block(model, list(model.parameters()), _batches(x, y), N_SAMPLES, torch.ones(54, 2, dtype=torch.float64))
+    assert torch.allclose(block[:, 0], product.double(), atol=1e-6) and torch.all(block[27:] == 0)
 
 
 def test_bad_input_raises():
@@ -208,3 +299,11 @@ def test_bad_input_raises():
         hessian_top_eigenvalues(model, batches, top_n=28)
     with pytest.raises(ValueError, match="flat vector"):
         hvp(model, batches, torch.ones(3, 9))
+    with pytest.raises(ValueError, match="top_n"):
+        krylov_top_eigenvalues_and_trace(model, batches, top_n=28)
+    with pytest.raises(ValueError, match="block"):
+        krylov_top_eigenvalues_and_trace(model, batches, block=0)
+    with pytest.raises(ValueError, match="eig_tol"):
+        krylov_top_eigenvalues_and_trace(model, batches, eig_tol=-1e-3)
+    with pytest.raises(ValueError, match="trace_tol"):
+        krylov_top_eigenvalues_and_trace(model, batches, trace_tol=float("nan"))
