@@ -1,5 +1,6 @@
 """Tests of metrics.spectral against closed forms, hand computations and WeightWatcher."""
 
+import functools
 import math
 import warnings
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from metrics import spectral
 from metrics.spectral import (
     METRIC_KEYS,
+    _ks_distances,
     esd,
     farms_alpha,
     fit_power_law,
@@ -174,6 +177,104 @@ def test_conv2d_slices_pooled():
     assert spectral_metrics(model, farms_window=None)["0"]["n_eigs"] == 18
 
 
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (64, 64), (512, 64), (7, 1)])
+def test_esd_equals_squared_svd(shape):
+    # the Gram + eigvalsh path against numpy's SVD of the same float64 matrix
+    torch.manual_seed(sum(shape))
+    w = torch.randn(shape) * 0.3
+    by_hand = np.sort(np.linalg.svd(w.double().numpy(), compute_uv=False) ** 2)
+    ours = esd([w])
+    assert len(ours) == min(shape) and np.all(np.diff(ours) >= 0)
+    np.testing.assert_allclose(ours, by_hand, rtol=1e-11, atol=1e-13 * by_hand[-1])
+
+
+@pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
+def test_cpu_gram_path_equals_torch(shape):
+    # on the CPU _gram_eigvalsh runs in numpy; elsewhere in torch (matmul + torch.linalg.eigvalsh,
+    # run here on the CPU): the two must give the same spectra
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(6, *shape, generator=g, dtype=torch.float64)
+    gram = w @ w.mT if shape[0] <= shape[1] else w.mT @ w
+    assert gram.shape == (6, 50, 50)
+    np.testing.assert_allclose(spectral._gram_eigvalsh(w).numpy(), torch.linalg.eigvalsh(gram).numpy(), rtol=1e-11)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_esd_of_rank_deficient_matrix(scale):
+    # rank 3 in 60 x 200: 57 zero eigenvalues must stay below EIG_THRESHOLD. At scale 1e4
+    # (lambda_max 1.2e12) eigvalsh of the Gram gives 25 of them above it (up to 3e-4), so that
+    # matrix must go through svdvals (checked against numpy's SVD).
+    g = torch.Generator().manual_seed(5)
+    w = scale * torch.randn(60, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 200, generator=g, dtype=torch.float64)
+    ours = esd([w])
+    by_hand = np.sort(np.linalg.svd(w.numpy(), compute_uv=False) ** 2)
+    assert np.sum(ours > 1e-5) == 3 and np.all(ours >= 0)
+    np.testing.assert_allclose(ours[-3:], by_hand[-3:], rtol=1e-11)
+    layer = nn.Linear(200, 60, bias=False, dtype=torch.float64)  # float32 rounding would add rank
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    metrics = spectral_metrics(layer, farms_window=None)[""]
+    assert metrics["n_eigs"] == 60
+    p = by_hand[-3:] / by_hand[-3:].sum()
+    assert metrics["entropy"] == pytest.approx(-np.sum(p * np.log(p)) / np.log(3), rel=1e-6)
+
+
+def full_scan_fit(x):
+    """The unpruned search: every candidate's KS distance over its whole tail, then argmin."""
+    x = np.sort(x[x > 1e-5])
+    log_x = np.log(x)
+    starts = np.arange(len(x) - 1)
+    n = len(x) - starts
+    spread = np.cumsum(log_x[::-1])[::-1][starts] - n * log_x[starts]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(spread > 0, 1.0 + n / spread, np.nan)
+    dist = _ks_distances(log_x, alpha, starts)
+    best = int(np.argmin(dist))
+    return {"alpha": alpha[best], "xmin": x[best], "ks_distance": dist[best], "n_tail": int(n[best])}
+
+
+@functools.cache
+def large_esds():
+    """ESDs large enough for the pruned KS search: samples, spectra and tied values."""
+    rng = np.random.default_rng(11)
+    w = pareto_entries(300, 600, 1.5, seed=2).numpy()
+    bulk = rng.standard_normal((800, 400))
+    return {
+        "pareto-2.5": (1 - rng.random(3000)) ** (-1 / 1.5),
+        "pareto-5": (1 - rng.random(1500)) ** (-1 / 4.0),
+        "lognormal": rng.lognormal(0.0, 1.0, 2000),
+        "marchenko-pastur": np.linalg.eigvalsh(bulk.T @ bulk / 800),
+        "mp-plus-spikes": np.append(np.linalg.eigvalsh(bulk.T @ bulk / 800), [8.0, 15.0, 40.0]),
+        "heavy-tailed-matrix": np.linalg.svd(w, compute_uv=False) ** 2,
+        "ties": np.round(rng.lognormal(0.0, 1.0, 2000), 1),
+        "farms-pooled": esd(
+            [m for m in torch.from_numpy(w).unfold(0, 100, 40).unfold(1, 200, 80).reshape(-1, 100, 200)]
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(large_esds()))
+def test_pruned_ks_search_equals_full_scan(name):
+    x = large_esds()[name]
+    fit, full = fit_power_law(x), full_scan_fit(x)
+    assert fit == full  # bit for bit: pruning only skips candidates that cannot win
+
+
+@pytest.mark.parametrize("name", ["pareto-2.5", "pareto-5", "lognormal", "marchenko-pastur", "mp-plus-spikes",
+                                  "heavy-tailed-matrix", "farms-pooled"])
+def test_fit_matches_weightwatcher_fit_on_large_esds(name):
+    # WeightWatcher's own fit (a Python loop over every candidate) on the same values
+    from weightwatcher.WW_powerlaw import WWFit  # a test dependency
+
+    x = large_esds()[name]
+    x = x[x > 1e-5]
+    fit, theirs = fit_power_law(x), WWFit(x)
+    assert len(x) >= 300
+    assert fit["alpha"] == pytest.approx(theirs.alpha, rel=1e-9)
+    assert fit["xmin"] == theirs.xmin
+    assert fit["ks_distance"] == pytest.approx(theirs.D, rel=1e-9)
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
         spectral_metrics(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
@@ -208,11 +309,12 @@ def test_many_equals_per_model_and_batches_across_models(monkeypatch):
     singles = [spectral_metrics(m, farms_window=window, farms_positions=3) for m in models]
 
     calls = []
-    svdvals = torch.linalg.svdvals
-    monkeypatch.setattr(torch.linalg, "svdvals", lambda a: calls.append(a.shape) or svdvals(a))
+    gram_eigvalsh = spectral._gram_eigvalsh
+    monkeypatch.setattr(spectral, "_gram_eigvalsh", lambda a: calls.append(a.shape) or gram_eigvalsh(a))
     many = spectral_metrics_many(models, farms_window=window, farms_positions=3)
-    # one call per distinct matrix shape, whole population at once
-    assert len(calls) == len(set(calls)) and all(shape[0] % len(models) == 0 for shape in calls)
+    # one call per distinct matrix shape, whole population at once: conv slices 8x3 and 8x8,
+    # linear 20x32 and 5x20, FARMS windows 3x6, 4x8, 6x12 and 5x10 (see _farms_window_shape)
+    assert len(calls) == 8 and all(shape[0] % len(models) == 0 for shape in calls)
 
     for one, batched in zip(singles, many):
         assert one.keys() == batched.keys()
@@ -257,8 +359,9 @@ def test_agrees_with_weightwatcher():
     import weightwatcher as ww  # a test dependency (pyproject: the test extra)
     torch.manual_seed(0)
     heavy = torch.distributions.StudentT(torch.tensor(2.5))
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10), nn.Conv2d(16, 32, 3)
+    model = nn.Sequential(  # the last layer's 300 eigenvalues take the pruned KS search
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10), nn.Conv2d(16, 32, 3),
+        nn.Linear(600, 300),
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -272,8 +375,8 @@ def test_agrees_with_weightwatcher():
         if row["num_evals"] < 50:  # WeightWatcher uses another estimator below 20 eigenvalues
             continue
         compared += 1
-        assert mine["alpha"] == pytest.approx(row["alpha"], abs=0.05)
+        assert mine["alpha"] == pytest.approx(row["alpha"], abs=1e-9)  # measured: <= 3e-15
         if isinstance(model[int(row["longname"])], nn.Linear):  # WW rescales Conv2d weights
             for key in ("log_norm", "log_spectral_norm", "stable_rank", "alpha_weighted", "log_alpha_norm"):
                 assert mine[key] == pytest.approx(row[key], rel=1e-9, abs=1e-12), key
-    assert compared == 3
+    assert compared == 4
