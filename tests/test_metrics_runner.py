@@ -187,3 +187,19 @@ def test_every_checkpoint_with_epoch_all(smoke_root, tmp_path):
     rows = zoo.open(root).sql("select epoch, name, value from metrics where family = 'weightspace' and name = 'dist_init_l2'")
     assert sorted(set(rows["epoch"])) == [0, 1, 3]
     assert (rows[rows.epoch == 0]["value"] == 0).all() and (rows[rows.epoch == 3]["value"] > 0).all()
+
+
+def test_the_fast_hessian_path_agrees_with_pyhessian_on_every_smoke_model(smoke_root):
+    from metrics.hessian import hessian_top_eigenvalues, hessian_trace, krylov_top_eigenvalues_and_trace
+
+    z = zoo.open(smoke_root)
+    for model_id in z.models()["model_id"]:
+        model, data = z.load_model(model_id), z.data(model_id)
+        batches = [(data.x_train[:128], data.y_train[:128])]
+        fast = krylov_top_eigenvalues_and_trace(model, batches)
+        # pyhessian run to convergence (its defaults stop early: see ../shared/reference/performance.md)
+        top = hessian_top_eigenvalues(model, batches, max_iter=500, tol=1e-7).eigenvalues[0]
+        trace = hessian_trace(model, batches, max_iter=400, tol=0.0)
+        assert fast.eigenvalues[0] == pytest.approx(top, rel=0.01)
+        # Hutchinson with 400 probes: a few percent of standard error
+        assert fast.trace == pytest.approx(trace.trace, rel=0.1)

@@ -320,9 +320,14 @@ class Store:
                           .to_table(columns=columns, filter=filter))
         packs = sorted(str(p) for p in folder.glob(f"{PACK_PREFIX}*.parquet")) if packed else []
         if packs:
-            wanted = pc.field("model_id").isin(packed)
-            pieces.append(ds.dataset(packs, format="parquet")
-                          .to_table(columns=columns, filter=wanted if filter is None else wanted & filter))
+            read = None if columns is None else list(dict.fromkeys(["model_id", *columns]))
+            if len(packed) <= 64:  # a few models: the filter also skips row groups by their statistics
+                wanted = pc.field("model_id").isin(packed)
+                found = ds.dataset(packs, format="parquet").to_table(columns=read, filter=wanted if filter is None else wanted & filter)
+            else:  # many: one hash lookup per row after the scan (a long isin list in the scan is slow)
+                found = ds.dataset(packs, format="parquet").to_table(columns=read, filter=filter)
+                found = found.filter(pc.is_in(found.column("model_id"), value_set=pa.array(packed)))
+            pieces.append(found.select(columns) if columns is not None else found)
         if not pieces:
             return SCHEMAS[table].empty_table().select(columns) if columns else SCHEMAS[table].empty_table()
         return pa.concat_tables(pieces, promote_options="permissive")
