@@ -2,7 +2,7 @@
 at a time (the reference path), per model shape, in one process run; and the stacks' achieved
 GFLOP/s as a fraction of this machine's float32 matmul peak, measured in the same run.
 
-    python perf/train_throughput.py [--models 64] [--epochs 5] [--loop-models 4] [--threads 2]
+    python perf/train_throughput.py [--models 64] [--epochs 20] [--loop-models 4] [--threads 2]
 
 Shapes: the digits-mlp zoo's MLPs (64-w-w-10, batch 32) and small CNNs, on digits (8x8) and on
 the fmnist-cnn zoo's Fashion-MNIST shape (28x28; first 2,000 training images, needs Debian's
@@ -98,7 +98,7 @@ def measure(label: str, specs, loop_models: int, peak: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=64, help="models in each stack")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=20, help="default: the digits-mlp recipe")
     parser.add_argument("--loop-models", type=int, default=4, help="models trained one at a time for the baseline")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fmnist", action=argparse.BooleanOptionalAction, default=True)
