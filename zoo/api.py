@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import nn
@@ -143,8 +144,10 @@ class Zoo:
         if len(flat) % len(found):
             raise ZooError(f"checkpoints of zoo {zoo!r} at epoch {epoch} have different lengths")
         matrix = flat.reshape(len(found), -1)
-        order = {m: i for i, m in enumerate(found)}
-        return matrix[[order[m] for m in model_ids]]
+        if found == model_ids:
+            return matrix
+        rows = pc.index_in(pa.array(model_ids), value_set=table.column("model_id").combine_chunks()).to_numpy()
+        return matrix[rows]  # one gather into the requested order
 
     def _index(self, zoo: str, model_id: str) -> list[TensorEntry]:
         table = self.store.read_model_rows("tensors", zoo, [model_id]).sort_by("position")
