@@ -18,7 +18,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
@@ -51,13 +50,7 @@ class MetricsReport:
 
 
 def versions() -> dict[str, str]:
-    out = {"zoo": zoo.code_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for package in ("pyhessian", "scipy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return zoo.library_versions("pyhessian", "scipy")
 
 
 def part_key(family: str, ids: list[str], epoch: int, digest: str) -> str:

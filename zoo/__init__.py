@@ -34,6 +34,23 @@ def code_version() -> str:
     return f"{__version__}+{commit}{'-dirty' if dirty else ''}"
 
 
+def library_versions(*packages: str) -> dict[str, str]:
+    """The versions a stored number depends on: this code's, torch's, numpy's, and those of
+    `packages` that are installed."""
+    from importlib import metadata
+
+    import numpy
+    import torch
+
+    out = {"zoo": code_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for package in packages:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def open(root=None):  # noqa: A001 - `zoo.open(root)` reads as a sentence, like `duckdb.connect`
     """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data)."""
     from .api import Zoo

@@ -43,7 +43,7 @@ class Zoo:
     def __repr__(self) -> str:
         return f"zoo.open({str(self.root)!r})"
 
-    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+    def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
         """Run a read-only SQL query over the zoo's views; returns a DataFrame."""
         return zsql.run_query(self._con, query, params)
 
@@ -144,8 +144,8 @@ class Zoo:
         if len(flat) % len(found):
             raise ZooError(f"checkpoints of zoo {zoo!r} at epoch {epoch} have different lengths")
         matrix = flat.reshape(len(found), -1)
-        if found == model_ids:
-            return matrix
+        if found == model_ids:  # (a copy: the rows are a read-only view of Arrow's buffer)
+            return matrix.copy()
         rows = pc.index_in(pa.array(model_ids), value_set=table.column("model_id").combine_chunks()).to_numpy()
         return matrix[rows]  # one gather into the requested order
 

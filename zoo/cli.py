@@ -6,6 +6,9 @@
     zoo metrics ZOO                  loss-landscape, spectral and weight-space metrics of every model
     zoo phases ZOO                   label each cell of the grid I, II, III, IV-A or IV-B
     zoo plot ZOO --metric M --out F  phase diagram of a metric
+    zoo bench TASK [--zoo Z]         score a benchmark task's methods, phase by phase
+    zoo leaderboard [--by phase]     the leaderboard from the stored results
+    zoo tasks                        the benchmark tasks and methods
 
 Every command takes --catalog FILE (env ZOO_CATALOG) and --root DIR (env ZOO_ROOT, default
 ./zoo-data). A bad input prints one line `zoo: error: ...` and exits with status 2.
@@ -59,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--epoch", default="final")
     pl.add_argument("--phases", action="store_true", help="overlay the phase labels")
     pl.add_argument("--out", type=Path, required=True, metavar="FILE.png|FILE.svg")
+
+    b = sub.add_parser("bench", parents=[common], help="score a benchmark task's methods on a zoo, phase by phase")
+    b.add_argument("task", help="a task name (zoo bench --list shows them) or a task YAML file")
+    b.add_argument("--zoo", help="the zoo to score on (default: the task's zoo)")
+    b.add_argument("--method", action="append", metavar="M", help="only this method (repeatable)")
+    b.add_argument("--include-path", action="append", default=[], metavar="DIR", help="also find tasks in DIR (repeatable)")
+    b.add_argument("--no-progress", action="store_true")
+
+    lb = sub.add_parser("leaderboard", parents=[common], help="the leaderboard, from the stored benchmark results")
+    lb.add_argument("--task", help="one task (default: all)")
+    lb.add_argument("--zoo", help="one zoo (default: all)")
+    lb.add_argument("--by", choices=["phase"], help="one ranking per phase")
+    lb.add_argument("--format", choices=["table", "markdown", "json", "html"], default="table")
+
+    sub.add_parser("tasks", parents=[common], help="list the benchmark tasks and methods").add_argument(
+        "--include-path", action="append", default=[], metavar="DIR")
 
     q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
     q.add_argument("query")
@@ -240,7 +259,50 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from benchmarks import find_task, run_task
+
+    from .api import Zoo
+
+    task = find_task(args.task, args.include_path)
+    zoo_name = args.zoo or task.config.zoo
+    if not zoo_name:
+        raise ZooError(f"task {task.name!r} names no zoo: pass --zoo")
+    store = Store(args.root or default_root())
+    Store(store.root, create=True)  # tables added since the root was made
+    progress = None if args.no_progress else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    report = run_task(Zoo(store.root), task, zoo_name, args.method, progress=progress)
+    print(f"{task.name} on {zoo_name}: computed {report.computed}, reused {report.reused} (already stored), "
+          f"failed {len(report.failed)}", file=sys.stderr)
+    for line in report.failed[:10]:
+        print(f"  failed: {line}", file=sys.stderr)
+    return cmd_leaderboard(argparse.Namespace(root=store.root, task=task.name, zoo=zoo_name, by="phase", format="table"))
+
+
+def cmd_leaderboard(args) -> int:
+    from benchmarks import leaderboard, render
+
+    from .api import Zoo
+
+    print(render(leaderboard(Zoo(args.root), args.task, args.by, args.zoo), args.format))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from benchmarks import METHODS, discover_tasks, load_task
+
+    for name, path in discover_tasks(args.include_path).items():
+        task = load_task(path)
+        print(f"{name} (v{task.config.version}, protocol {task.protocol.name}, per {task.protocol.unit}): "
+              f"{', '.join(dict.fromkeys(c.method.name for c in task.calls))}\n    {path}")
+    print("methods: " + ", ".join(f"{m.name} ({m.kind})" for m in sorted(METHODS.values(), key=lambda m: (m.kind, m.name))))
+    return 0
+
+
 COMMANDS = {
+    "bench": cmd_bench,
+    "leaderboard": cmd_leaderboard,
+    "tasks": cmd_tasks,
     "catalog": cmd_catalog,
     "generate": cmd_generate,
     "sql": cmd_sql,

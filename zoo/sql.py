@@ -53,7 +53,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
             raise ZooError(f"refused: zoo sql is read-only ({kind} statements are not allowed){hint}")
 
 
-def run_query(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> pd.DataFrame:
+def run_query(con: duckdb.DuckDBPyConnection, query: str, params: list | dict | None = None) -> pd.DataFrame:
     """Run a read-only query (several statements: the last one's result)."""
     check_read_only(con, query)
     try:

@@ -168,6 +168,29 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rules", pa.string()),
         ]
     ),
+    "benchmark_results": pa.schema(
+        [
+            ("task", pa.string()),
+            ("task_version", pa.int32()),
+            ("method", pa.string()),
+            ("parameters", pa.string()),  # JSON, the method's validated parameters
+            ("parameters_hash", pa.string()),
+            ("zoo", pa.string()),
+            ("unit", pa.string()),  # a model id, "load=...,temperature=..." for a cell, or "population"
+            ("load", pa.float64()),
+            ("temperature", pa.float64()),
+            ("phase", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("higher_is_better", pa.bool_()),
+            ("status", pa.string()),  # ok | failed
+            ("error", pa.string()),
+            ("seed", pa.int64()),
+            ("settings", pa.string()),  # JSON: the protocol's settings and the library versions
+            ("code_version", pa.string()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
     "failures": pa.schema(
         [
             ("model_id", pa.string()),

@@ -1,0 +1,311 @@
+"""benchmarks/: merge, prune and prediction methods against hand computations, and the harness
+(task files, results table, reuse, failures, leaderboard, CLI) on the smoke zoo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import benchmarks
+import zoo
+from benchmarks import merging, pruning
+from benchmarks.runner import run_task
+from benchmarks.evaluation import with_state
+from benchmarks.tasks import find_task, load_task
+from zoo.architectures import build_model
+from zoo.cli import main
+from zoo.errors import ZooError
+from zoo.permutations import permutation_spec, permute_state, random_permutations
+
+
+@pytest.fixture()
+def root(smoke_root, tmp_path) -> Path:
+    """A writable copy of the smoke zoo."""
+    copy = tmp_path / "root"
+    shutil.copytree(smoke_root, copy)
+    return copy
+
+
+def _state(seed: int, arch=None, shape=(64,)) -> tuple[nn.Module, dict]:
+    model = build_model(arch or {"name": "mlp", "width": 16}, shape, 10, seed=seed)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- merge functions
+
+
+def test_ties_on_hand_made_vectors():
+    base = {"w": torch.zeros(5)}
+    a = {"w": torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0])}
+    b = {"w": torch.tensor([-2.0, -4.0, 0.1, 1.0, 0.2])}
+    # keep 40% of 5 entries = 2 per vector: a keeps 3 and 2 (indices 0, 3); b keeps -4 and -2 (1, 0)
+    # trimmed a = [3, 0, 0, 2, 0], b = [-2, -4, 0, 0, 0]; elected sign = sign(sum) = [+, -, ?, +, ?]
+    # entries 2 and 4 have no kept value: sign from the untrimmed sum, mean over none -> 0
+    merged = merging.ties(base, [a, b], keep=0.4, lam=0.5)
+    assert torch.allclose(merged["w"], 0.5 * torch.tensor([3.0, -4.0, 0.0, 2.0, 0.0]))
+
+
+def test_dare_drops_and_rescales():
+    delta = {"w": torch.arange(1.0, 1001.0)}
+    out = merging.dare(delta, 0.9, torch.Generator().manual_seed(0))["w"]
+    kept = out != 0
+    assert torch.allclose(out[kept], delta["w"][kept] / 0.1)  # survivors rescaled by 1/(1-p)
+    assert 0.05 < kept.float().mean() < 0.15  # about 1 - p survive
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        merging.dare(delta, 1.0, torch.Generator())
+
+
+def test_task_arithmetic_and_interpolation_are_the_formulas():
+    base, a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([1.0, 5.0])}
+    assert torch.allclose(merging.task_arithmetic(base, [a, b], 0.5)["w"], torch.tensor([1.5, 3.5]))
+    assert torch.allclose(merging.interpolate(a, b, 0.25)["w"], torch.tensor([1.75, 2.75]))
+    assert torch.allclose(merging.uniform_soup([a, b])["w"], torch.tensor([1.5, 3.5]))
+
+
+def test_greedy_soup_starts_from_the_best_and_only_adds_what_helps():
+    states = [{"w": torch.tensor([float(v)])} for v in (1.0, 3.0, 2.0, 10.0)]
+    score = lambda s: -abs(float(s["w"]) - 2.5)  # noqa: E731  best: 3 (-0.5), then 2 (-0.5): 2.5 is perfect
+    soup, chosen = merging.greedy_soup(states, score)
+    assert chosen[0] == 1 and score(soup) >= max(score(s) for s in states)
+    assert float(soup["w"]) == pytest.approx(2.5) and chosen == [1, 2]
+
+
+@pytest.mark.parametrize("arch, shape", [
+    ({"name": "mlp", "width": 16, "depth": 3}, (64,)),
+    ({"name": "cnn", "width": 4, "depth": 2, "batchnorm": True}, (1, 8, 8)),
+])
+def test_weight_matching_recovers_a_known_permutation(arch, shape):
+    model, state = _state(0, arch, shape)
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # make the statistics non-trivial
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = permutation_spec(model)
+    perms = random_permutations(spec, torch.Generator().manual_seed(1))
+    shuffled = permute_state(state, spec, perms)
+    assert any(not torch.equal(shuffled[k], state[k]) for k in state)
+    x = torch.randn(7, *shape)
+    assert torch.allclose(with_state(model, shuffled)(x), with_state(model, state)(x), atol=1e-5)  # same function
+    found = merging.weight_matching(state, shuffled, spec)
+    aligned = permute_state(shuffled, spec, found)
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def test_alpha_allocation_meets_the_target_and_prunes_high_alpha_layers_more():
+    alphas, sizes = np.array([2.0, 4.0, 6.0, 3.0]), np.array([1000, 4000, 500, 2000])
+    for target in (0.5, 0.7, 0.9):
+        s = pruning.allocate_by_alpha(alphas, sizes, target, eps=0.2)
+        assert np.sum(s * sizes) / sizes.sum() == pytest.approx(target, abs=1e-9)
+        assert np.all(np.diff(s[np.argsort(alphas)]) > 0)  # higher alpha -> higher sparsity
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude_layerwise", "magnitude_global", "alpha_pruning", "farms_pruning"])
+def test_every_pruning_method_reaches_its_sparsity(method):
+    model, _ = _state(3, {"name": "mlp", "width": 32})
+    call = benchmarks.METHODS[method]
+    masks = call.function(model, call.parameters(sparsity=0.7), torch.Generator().manual_seed(0))
+    pruned = pruning.apply_masks(model, masks)
+    assert pruning.sparsity(pruned) == pytest.approx(0.7, abs=0.01)
+
+
+def test_global_magnitude_keeps_the_largest_weights():
+    model, _ = _state(4)
+    call = benchmarks.METHODS["magnitude_global"]
+    masks = call.function(model, call.parameters(sparsity=0.5), None)
+    kept = torch.cat([(layer.weight.abs() * masks[n]).reshape(-1) for n, layer in pruning.prunable(model)])
+    dropped = torch.cat([(layer.weight.abs() * (1 - masks[n])).reshape(-1) for n, layer in pruning.prunable(model)])
+    assert kept[kept > 0].min() >= dropped.max()
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def test_builtin_tasks_load_and_list(capsys):
+    names = benchmarks.discover_tasks()
+    assert {"merging-seeds", "merging-epochs", "merging-tasks", "pruning", "property-prediction"} <= set(names)
+    for path in names.values():
+        assert load_task(path).calls
+    assert main(["tasks"]) == 0
+    assert "merging-seeds" in capsys.readouterr().out
+
+
+def _write(path: Path, body: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+TASK = {"task": "mine", "protocol": "prune", "zoo": "smoke",
+        "methods": [{"method": "magnitude_global", "sweep": {"sparsity": [0.5]}}],
+        "metrics": [{"name": "test_acc"}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": [{"method": "nope"}]}, r"field 'methods.0': unknown method 'nope'"),
+    ({"methods": [{"method": "random", "parameters": {"sparsty": 0.5}}]}, r"field 'methods.0': method 'random', parameter 'sparsty': unknown field"),
+    ({"methods": [{"method": "random", "sweep": {"sparsity": [1.5]}}]}, r"parameter 'sparsity': Input should be less than 1"),
+    ({"methods": [{"method": "uniform_soup"}]}, r"'uniform_soup' is a merging method; protocol 'prune' scores pruning"),
+    ({"metrics": [{"name": "accuracy"}]}, r"field 'metrics.0.name': protocol 'prune' reports no metric 'accuracy'"),
+    ({"protocol": "nope"}, r"field 'protocol': unknown protocol 'nope'"),
+    ({"settings": {"finetune_epochs": -1}}, r"field 'settings.finetune_epochs'"),
+    ({"colour": "red"}, r"field 'colour': unknown field"),
+])
+def test_a_bad_task_file_names_the_file_and_field(tmp_path, change, message):
+    path = _write(tmp_path / "bad.yaml", {**TASK, **change})
+    with pytest.raises(ZooError, match=message) as e:
+        load_task(path)
+    assert str(path) in str(e.value)
+
+
+def test_sql_that_selects_no_models_is_a_clear_error(root, tmp_path, capsys):
+    path = _write(tmp_path / "empty.yaml", {**TASK, "select": "SELECT model_id FROM models WHERE load > 1000"})
+    assert main(["bench", str(path), "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zoo: error:") and "field 'select'" in err and "selects no models" in err and "\n" not in err
+
+
+def test_bench_stores_results_reuses_them_and_the_leaderboard_needs_no_recomputation(root, capsys):
+    z = zoo.open(root)
+    task = find_task("merging-seeds")
+    report = run_task(z, task, "smoke")
+    assert report.computed == len(task.calls) * 4 and not report.failed  # 4 cells
+    rows = zoo.open(root).sql("select * from benchmark_results where task = 'merging-seeds'")
+    assert set(rows["status"]) == {"ok"} and rows["code_version"].str.len().min() > 0
+    settings = json.loads(rows["settings"].iloc[0])
+    assert settings["versions"]["torch"] == torch.__version__ and settings["settings"]["seed"] == 0
+    # greedy soup is never below its best ingredient on the split it selects on (validation)
+    greedy = rows[(rows["method"] == "greedy_soup")].pivot_table(index="unit", columns="metric", values="value")
+    z2 = zoo.open(root)
+    for unit, row in greedy.iterrows():
+        cell = rows[(rows["unit"] == unit)].iloc[0]
+        ids = z2.sql("select model_id from models where zoo='smoke' and load=? and temperature=? order by seed",
+                     [float(cell["load"]), float(cell["temperature"])])["model_id"]
+        from benchmarks.evaluation import accuracy, holdout
+
+        split = holdout(z2.data(ids[0]))
+        best_val = max(accuracy(z2.load_model(m), split.x_val, split.y_val) for m in ids)
+        assert row["val_acc"] >= best_val
+        assert row["test_acc"] == pytest.approx(row["best_ingredient_acc"] + row["gain_over_best"])
+
+    # a rerun reuses every stored result; the leaderboard is rebuilt without any method running
+    def boom(*args):
+        raise AssertionError("recomputed")
+
+    frozen = dataclasses.replace(task, protocol=dataclasses.replace(task.protocol, function=boom))
+    assert run_task(zoo.open(root), frozen, "smoke").computed == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "--root", str(root), "--task", "merging-seeds", "--format", "json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    assert {b["method"] for b in board} == {"uniform_soup", "greedy_soup", "weight_matching_soup",
+                                           "interpolation(alpha=0.25)", "interpolation(alpha=0.5)", "interpolation(alpha=0.75)"}
+    assert [b["rank"] for b in board] == list(range(1, len(board) + 1))
+    assert board == sorted(board, key=lambda b: -b["test_acc"])
+    for fmt, marker in (("markdown", "| task | zoo |"), ("html", "<table"), ("table", "rank")):
+        assert main(["leaderboard", "--root", str(root), "--format", fmt, "--by", "phase"]) == 0
+        assert marker in capsys.readouterr().out
+
+
+def test_a_method_that_raises_on_one_cell_fails_that_cell_only_and_is_retried(root, tmp_path):
+    hook = tmp_path / "flaky.py"
+    hook.write_text(
+        "import os\n"
+        "from benchmarks import register_method\n"
+        "from benchmarks.merging import uniform_soup\n"
+        "@register_method('flaky_soup', kind='merging')\n"
+        "def flaky(states, p, ctx):\n"
+        "    if os.environ.get('FLAKY') and len(states[0]['1.weight']) == 8:\n"
+        "        raise RuntimeError('width 8 is cursed')\n"
+        "    return uniform_soup(states)\n"
+    )
+    path = _write(tmp_path / "flaky.yaml", {"task": "flaky", "protocol": "merge_seeds", "hook": "flaky.py",
+                                            "methods": [{"method": "flaky_soup"}], "metrics": [{"name": "test_acc"}]})
+    task = load_task(path)
+    import os
+
+    os.environ["FLAKY"] = "1"
+    try:
+        report = run_task(zoo.open(root), task, "smoke")
+    finally:
+        del os.environ["FLAKY"]
+    assert report.computed == 4 and len(report.failed) == 2 and all("width 8 is cursed" in f for f in report.failed)
+    rows = zoo.open(root).sql("select unit, status, error from benchmark_results where task = 'flaky'")
+    assert sorted(rows["status"]) == ["failed", "failed", "ok", "ok"]
+    board = benchmarks.leaderboard(zoo.open(root), "flaky")
+    assert int(board["failed"].iloc[0]) == 2 and int(board["units"].iloc[0]) == 2
+    again = run_task(zoo.open(root), task, "smoke")  # the failed cells only are computed again
+    assert again.computed == 2 and again.reused == 2 and not again.failed
+    assert set(zoo.open(root).sql("select status from benchmark_results where task = 'flaky'")["status"]) == {"ok"}
+
+
+def test_a_task_in_a_user_folder_is_found_by_name(root, tmp_path, capsys):
+    folder = tmp_path / "mytasks"
+    folder.mkdir()
+    _write(folder / "mine.yaml", TASK)
+    assert main(["bench", "mine", "--include-path", str(folder), "--root", str(root), "--no-progress"]) == 0
+    assert "magnitude_global" in capsys.readouterr().out
+    assert main(["bench", "mine", "--root", str(root)]) == 2
+    assert "unknown task 'mine'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_builtin_task_runs_on_the_smoke_zoo(root, capsys):
+    for name in ("merging-epochs", "merging-tasks", "pruning", "property-prediction"):
+        assert main(["bench", name, "--zoo", "smoke", "--root", str(root), "--no-progress"]) == 0, name
+        assert "failed 0" in capsys.readouterr().err
+    board = benchmarks.leaderboard(zoo.open(root), "merging-tasks")
+    assert set(board["method"]) == {"task_arithmetic", "ties", "dare"}
+    assert (board["test_acc"] > 0.1).all()
+    prediction = benchmarks.leaderboard(zoo.open(root), "property-prediction")
+    assert {"r2_test_acc", "phase_accuracy"} <= set(prediction.columns)
+
+
+# --------------------------------------------------------------------------- weights as a data set
+
+
+def test_weight_dataset_yields_weights_properties_and_function_preserving_permutations(smoke_root):
+    from zoo.population import WeightDataset
+
+    z = zoo.open(smoke_root)
+    query = "SELECT model_id FROM models WHERE zoo = 'smoke' AND load = 32 ORDER BY temperature, seed"
+    plain = WeightDataset(z, query)
+    ids = list(z.sql(query)["model_id"])
+    assert len(plain) == 4 and torch.equal(plain[0]["weights"], z.weights(ids[:1])[0])
+    item = plain[1]
+    assert item["model_id"] == ids[1] and item["load"] == 32 and item["phase"] == "unlabelled"
+    assert item["gap"] == pytest.approx(item["train_acc"] - item["test_acc"])
+    permuted = WeightDataset(z, query, permute=True, layers=True, seed=0)
+    model = z.load_model(ids[0])
+    x = z.data(ids[0]).x_test[:50]
+    state = permuted[0]["weights"]
+    assert any(not torch.equal(state[k], model.state_dict()[k]) for k in state)
+
+    assert torch.allclose(with_state(model, state)(x), model(x), atol=1e-5)
+
+
+def test_property_features_match_the_weightspace_statistics(smoke_root):
+    from benchmarks.prediction import weight_features
+    from metrics.weightspace import layer_statistics
+
+    z = zoo.open(smoke_root)
+    ids = list(z.sql("select model_id from models where zoo = 'smoke' order by load, temperature, seed")["model_id"])
+    features = weight_features(z, ids)
+    assert features.shape == (8, 6 * 7)
+    model = z.load_model(ids[-1])
+    expected = []
+    for _, tensor in model.named_parameters():
+        s = layer_statistics(tensor)
+        expected += [s["mean"], s["var"], s["p1"], s["p25"], s["p50"], s["p75"], s["p99"]]
+    assert np.allclose(features[-1], expected, rtol=1e-9, atol=1e-12)
