@@ -309,3 +309,46 @@ def test_property_features_match_the_weightspace_statistics(smoke_root):
         s = layer_statistics(tensor)
         expected += [s["mean"], s["var"], s["p1"], s["p25"], s["p50"], s["p75"], s["p99"]]
     assert np.allclose(features[-1], expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_batchnorm_reestimation_rescues_averaged_batchnorm_cnns(tmp_path):
+    """Averaging BatchNorm CNNs (here after weight matching, and plain) keeps the ingredients'
+    running statistics, which no longer fit the averaged weights; re-estimating them on training
+    data recovers much of the accuracy (the fmnist-cnn zoo's architecture, on digits)."""
+    from generators.launcher import LaunchOptions, generate
+    from zoo.catalog import parse_zoo
+    from zoo.storage import Store
+
+    config = parse_zoo("bn-cnn", {
+        "description": "BatchNorm CNNs", "dataset": {"name": "digits"},
+        "architecture": {"name": "cnn", "depth": 2, "batchnorm": True},
+        "load": {"name": "width", "values": [8]}, "temperature": {"name": "batch_size", "values": [32]},
+        "seeds": [0, 1, 2], "training": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 5},
+        "checkpoints": [0, 5]})
+    store = Store(tmp_path / "root", create=True)
+    assert generate(config, store, LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs"), progress=False).trained == 3
+    task = _write(tmp_path / "bn.yaml", {"task": "bn", "protocol": "merge_seeds", "zoo": "bn-cnn",
+                                        "methods": [{"method": "uniform_soup"}, {"method": "weight_matching_soup"}],
+                                        "metrics": [{"name": "test_acc"}, {"name": "test_acc_bn"}]})
+    assert not run_task(zoo.open(store.root), load_task(task), "bn-cnn").failed
+    board = benchmarks.leaderboard(zoo.open(store.root), "bn").set_index("method")
+    for method in ("uniform_soup", "weight_matching_soup"):
+        assert board.loc[method, "test_acc_bn"] > board.loc[method, "test_acc"] + 0.1
+    assert board.loc["weight_matching_soup", "test_acc_bn"] > 0.5  # aligned + re-estimated: a working model
+
+
+@pytest.mark.slow
+def test_weight_generation_scores_accuracy_and_novelty(root, tmp_path):
+    task = _write(tmp_path / "gen.yaml", {
+        "task": "gen", "protocol": "generate_weights", "zoo": "smoke",
+        "select": "SELECT model_id FROM models WHERE zoo = $zoo AND load = 32",
+        "settings": {"samples": 5}, "metrics": [{"name": "gen_acc_mean"}, {"name": "novelty_iou", "higher_is_better": False}],
+        "methods": [{"method": "copies"}, {"method": "random_init"}, {"method": "gaussian"},
+                    {"method": "autoencoder", "parameters": {"latent": 2, "steps": 200}}]})
+    assert not run_task(zoo.open(root), load_task(task), "smoke").failed
+    board = benchmarks.leaderboard(zoo.open(root), "gen").set_index("method")
+    assert board.loc["copies", "novelty_iou"] == 1.0  # a copy misclassifies exactly what its original does
+    assert board.loc["random_init", "gen_acc_mean"] < 0.3  # chance is 0.1
+    assert board.loc["autoencoder", "novelty_iou"] < 1.0
+    assert board.loc["autoencoder", "gen_acc_mean"] > board.loc["random_init", "gen_acc_mean"]
