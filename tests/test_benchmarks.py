@@ -352,3 +352,55 @@ def test_weight_generation_scores_accuracy_and_novelty(root, tmp_path):
     assert board.loc["random_init", "gen_acc_mean"] < 0.3  # chance is 0.1
     assert board.loc["autoencoder", "novelty_iou"] < 1.0
     assert board.loc["autoencoder", "gen_acc_mean"] > board.loc["random_init", "gen_acc_mean"]
+
+
+def chromium_console(page: Path, screenshot: Path) -> list[str]:
+    """Open `page` in headless Chromium (Debian's `chromium`), save a screenshot, and return the
+    page's console messages (the report logs a console error for every image that fails)."""
+    import subprocess
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert binary, "this test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+    run = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                          "--window-size=1280,4000", "--virtual-time-budget=5000", f"--screenshot={screenshot}",
+                          page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert screenshot.exists() and screenshot.stat().st_size > 10_000, run.stderr[-2000:]
+    return [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.slow
+def test_report_opens_in_a_browser_without_errors_or_missing_images(root, tmp_path, capsys):
+    import re
+
+    for name in ("merging-seeds", "pruning"):
+        task = find_task(name)
+        calls = [c for c in task.calls if c.method.name in ("uniform_soup", "greedy_soup", "interpolation", "magnitude_global", "random")]
+        run_task(zoo.open(root), dataclasses.replace(task, calls=calls), "smoke")
+    assert main(["report", "--root", str(root), "--out", str(tmp_path / "site")]) == 0
+    index = tmp_path / "site" / "index.html"
+    page = index.read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert len(images) >= 5
+    for image in images:
+        assert (index.parent / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+    assert "sparsity" in page and "interpolation" in page and "<table" in page
+    assert chromium_console(index, tmp_path / "shot.png") == []
+    # the check itself catches a missing image
+    (index.parent / images[0]).unlink()
+    messages = chromium_console(index, tmp_path / "shot2.png")
+    assert any("missing image" in m for m in messages)
+
+
+def test_the_readme_example_task_and_hook_run_as_written(root, tmp_path, capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Adding a task or a method"):]
+    blocks = re.findall(r"```(?:yaml|python)\n(.*?)```", section, re.S)[:2]
+    folder = tmp_path / "mytasks"
+    folder.mkdir()
+    for body in blocks:
+        (folder / body.splitlines()[0].split("/")[-1]).write_text(body.replace("width >= 128", "width >= 8"))
+    assert main(["bench", "wide-soups", "--zoo", "smoke", "--include-path", str(folder), "--root", str(root), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "failed 0" in captured.err and "trimmed_soup(trim=0.25)" in captured.out

@@ -8,6 +8,7 @@
     zoo plot ZOO --metric M --out F  phase diagram of a metric
     zoo bench TASK [--zoo Z]         score a benchmark task's methods, phase by phase
     zoo leaderboard [--by phase]     the leaderboard from the stored results
+    zoo report --out DIR             a static HTML site of the leaderboards and plots
     zoo tasks                        the benchmark tasks and methods
 
 Every command takes --catalog FILE (env ZOO_CATALOG) and --root DIR (env ZOO_ROOT, default
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--zoo", help="one zoo (default: all)")
     lb.add_argument("--by", choices=["phase"], help="one ranking per phase")
     lb.add_argument("--format", choices=["table", "markdown", "json", "html"], default="table")
+
+    rp = sub.add_parser("report", parents=[common], help="a static HTML site of the benchmark results")
+    rp.add_argument("--out", type=Path, required=True, metavar="DIR")
 
     sub.add_parser("tasks", parents=[common], help="list the benchmark tasks and methods").add_argument(
         "--include-path", action="append", default=[], metavar="DIR")
@@ -288,6 +292,15 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from benchmarks.report import write_report
+
+    from .api import Zoo
+
+    print(write_report(Zoo(args.root), args.out))
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from benchmarks import METHODS, discover_tasks, load_task
 
@@ -302,6 +315,7 @@ def cmd_tasks(args) -> int:
 COMMANDS = {
     "bench": cmd_bench,
     "leaderboard": cmd_leaderboard,
+    "report": cmd_report,
     "tasks": cmd_tasks,
     "catalog": cmd_catalog,
     "generate": cmd_generate,
