@@ -5,6 +5,9 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 import zoo
@@ -28,7 +31,7 @@ def unpacked(tmp_path_factory):
 
 
 def parts(root, table="checkpoints"):
-    return sorted(p.name for p in Store(root).zoo_dir(table, "smoke").iterdir())
+    return sorted(p.name for p in Store(root).zoo_dir(table, "smoke").iterdir() if p.suffix != ".safetensors")
 
 
 def test_generate_packs_the_zoo_and_nothing_changes_but_the_files(smoke_root, unpacked):
@@ -101,3 +104,37 @@ def test_a_model_stored_again_by_a_second_run_is_not_packed_twice(unpacked, tmp_
     assert parts(root) == [p for p in parts(root) if p.startswith("pack-")] and len(parts(root)) == 1
     store.write_index()
     fingerprint(root)  # fails on any duplicate row
+
+
+def test_the_packs_weight_matrices_hold_exactly_the_parquet_weights(smoke_root):
+    store, z = Store(smoke_root), zoo.open(smoke_root)
+    matrices = [p for p in store.zoo_dir("checkpoints", "smoke").iterdir() if p.suffix == ".safetensors"]
+    assert len(matrices) == 1
+    widths = z.sql("select model_id, width from models order by model_id").set_index("model_id")["width"]
+    for width in (8, 32):
+        ids = [m for m in widths.index if widths[m] == width][::-1]  # not the stored order
+        for epoch in (0, 1, 3):
+            table = store.read_model_rows("checkpoints", "smoke", ids, ["model_id", "weights"], pc.field("epoch") == epoch)
+            by_id = dict(zip(table.column("model_id").to_pylist(), table.column("weights").to_pylist()))
+            expected = np.array([by_id[m] for m in ids], dtype=np.float32)
+            got, lacking = store.read_weights("smoke", ids, epoch)
+            assert not lacking and np.array_equal(got, expected)
+            assert np.array_equal(store.read_weights("smoke", ids[1:2], epoch)[0], expected[1:2])  # one scattered row
+    assert store.read_weights("smoke", [widths.index[0]], 2)[1] == [widths.index[0]]  # no checkpoint at epoch 2
+
+
+def test_a_matrix_file_without_its_pack_is_never_read(unpacked, tmp_path):
+    from zoo.matrices import write_matrices
+
+    root = tmp_path / "r"
+    shutil.copytree(unpacked, root)
+    store = Store(root)
+    folder = store.zoo_dir("checkpoints", "smoke")
+    data = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
+    garbage = data.set_column(data.schema.get_field_index("weights"), "weights",
+                              pa.array([[7.0] * len(w) for w in data.column("weights").to_pylist()], pa.list_(pa.float32())))
+    write_matrices(folder / "pack-0123456789abcdef.safetensors", garbage)  # a crash before its pack was written
+    ids = list(zoo.open(root).models()["model_id"])
+    widths = zoo.open(root).sql("select model_id, width from models").set_index("model_id")["width"]
+    same = [m for m in ids if widths[m] == 8]
+    assert not np.any(zoo.open(root).weights(same).numpy() == 7.0)

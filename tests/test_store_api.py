@@ -152,7 +152,7 @@ def test_model_ids_with_path_traversal_are_rejected(smoke_root):
 
 def test_no_pickle_files_in_the_root(smoke_root):
     suffixes = {p.suffix for p in smoke_root.rglob("*") if p.is_file()}
-    assert suffixes <= {".parquet", ".duckdb", ".lock"}  # .pack.lock: an empty lock file
+    assert suffixes <= {".parquet", ".safetensors", ".duckdb", ".lock"}  # .pack.lock: an empty lock file
 
 
 def test_empty_root_views_answer_with_zero_rows(tmp_path):

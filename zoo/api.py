@@ -17,8 +17,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -134,20 +132,10 @@ class Zoo:
 
     def _vectors(self, zoo: str, model_ids: list[str], epoch: int) -> np.ndarray:
         """(N, n_values) float32: the stored flat states of models of one zoo at one epoch."""
-        table = self.store.read_model_rows("checkpoints", zoo, model_ids, ["model_id", "weights"], pc.field("epoch") == epoch)
-        found = table.column("model_id").to_pylist()
-        lacking = sorted(set(model_ids) - set(found))
+        matrix, lacking = self.store.read_weights(zoo, model_ids, epoch)
         if lacking:
             raise ZooError(f"no checkpoint at epoch {epoch} for model {lacking[0]!r}")
-        weights = table.column("weights").combine_chunks()
-        flat = weights.values.to_numpy(zero_copy_only=False)
-        if len(flat) % len(found):
-            raise ZooError(f"checkpoints of zoo {zoo!r} at epoch {epoch} have different lengths")
-        matrix = flat.reshape(len(found), -1)
-        if found == model_ids:  # (a copy: the rows are a read-only view of Arrow's buffer)
-            return matrix.copy()
-        rows = pc.index_in(pa.array(model_ids), value_set=table.column("model_id").combine_chunks()).to_numpy()
-        return matrix[rows]  # one gather into the requested order
+        return matrix
 
     def _index(self, zoo: str, model_id: str) -> list[TensorEntry]:
         table = self.store.read_model_rows("tensors", zoo, [model_id]).sort_by("position")

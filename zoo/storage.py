@@ -6,6 +6,7 @@ Layout of a root:
     tables/<table>/_empty.parquet           zero rows, the table's base schema (so empty views work)
     tables/<table>/<zoo>/<model_id>.parquet one part per model and table, as jobs write them
     tables/<table>/<zoo>/pack-<hash>.parquet many models' rows in one file (`Store.pack`)
+    tables/checkpoints/<zoo>/pack-<hash>.safetensors   the same weights as N x P matrices (zoo.matrices)
 
 One part per model and table, named by the model's id, is what makes generation idempotent: a
 job that runs twice, or two runs at once, write the same file name, and the atomic rename means
@@ -43,6 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import ZooError
+from .matrices import read_rows, write_matrices
 from .weights import TensorEntry, n_parameters, sha256
 
 if TYPE_CHECKING:
@@ -206,6 +208,7 @@ PACKED_TABLES = ("checkpoints", "curves", "tensors", "models")  # the models row
 PACK_PREFIX = "pack-"
 PENDING = ".pending"
 PACK_BYTES = 256 << 20
+MATRIX_SUFFIX = ".safetensors"  # a checkpoint pack's weight matrices (zoo.matrices)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -361,6 +364,43 @@ class Store:
             return SCHEMAS[table].empty_table().select(columns) if columns else SCHEMAS[table].empty_table()
         return pa.concat_tables(pieces, promote_options="permissive")
 
+    def read_weights(self, zoo: str, model_ids: list[str], epoch: int) -> tuple[np.ndarray | None, list[str]]:
+        """The flat weights of `model_ids` at `epoch` as one (N, n_values) float32 matrix in the
+        given order, and the ids that have no such checkpoint (their rows are zero). Packed
+        models come from the packs' weight matrices (`zoo.matrices`), the rest from Parquet."""
+        folder = self.zoo_dir("checkpoints", zoo)
+        wanted = set(model_ids)
+        blocks: list[tuple[list[str], np.ndarray]] = []
+        names = set(os.listdir(folder)) if folder.is_dir() else set()
+        for name in sorted(names):
+            if name.startswith(PACK_PREFIX) and name.endswith(MATRIX_SUFFIX) and wanted:
+                if name[: -len(MATRIX_SUFFIX)] + ".parquet" in names:  # only beside a pack in place
+                    for ids, block in read_rows(folder / name, wanted, epoch):
+                        blocks.append((ids, block))
+                        wanted.difference_update(ids)
+        if wanted:
+            rest = [m for m in model_ids if m in wanted]
+            table = self.read_model_rows("checkpoints", zoo, rest, ["model_id", "weights"], pc.field("epoch") == epoch)
+            if len(table):
+                weights = table.column("weights").combine_chunks()
+                ids = table.column("model_id").to_pylist()
+                lengths = set(weights.value_lengths().to_numpy().tolist())
+                if len(lengths) > 1:
+                    raise ZooError(f"checkpoints of zoo {zoo!r} at epoch {epoch} have different lengths")
+                blocks.append((ids, weights.values.to_numpy(zero_copy_only=False).reshape(len(ids), -1)))
+                wanted.difference_update(ids)
+        if not blocks:
+            return None, list(model_ids)
+        if len({b.shape[1] for _, b in blocks}) > 1:
+            raise ZooError(f"checkpoints of zoo {zoo!r} at epoch {epoch} have different lengths")
+        if len(blocks) == 1 and blocks[0][0] == list(model_ids):
+            return np.array(blocks[0][1], copy=True), []
+        position = {m: i for i, m in enumerate(model_ids)}
+        out = np.zeros((len(model_ids), blocks[0][1].shape[1]), dtype=np.float32)
+        for ids, block in blocks:
+            out[[position[m] for m in ids]] = block
+        return out, [m for m in model_ids if m in wanted]
+
     # --- packing -------------------------------------------------------------------------
 
     def pack(self, zoo: str) -> int:
@@ -377,6 +417,10 @@ class Store:
             if not locked:
                 return 0
             self.finish_packs(zoo)
+            matrices = self.zoo_dir("checkpoints", zoo)
+            for path in matrices.glob(f"{PACK_PREFIX}*{MATRIX_SUFFIX}") if matrices.is_dir() else []:
+                if not path.with_suffix(".parquet").exists():  # a packer died before writing its pack
+                    path.unlink(missing_ok=True)
             packed = {t: self._packed_ids(t, zoo) for t in PACKED_TABLES}
             ids = sorted(p.name[: -len(".parquet")] for p in folder.glob("*.parquet") if not p.name.startswith(PACK_PREFIX))
             for table in PACKED_TABLES:  # strays: rows already in a pack
@@ -407,6 +451,8 @@ class Store:
                     # Row groups of ~4 MB, so a read of one epoch or of a few models skips the rest
                     # by the groups' statistics; weights in LZ4, which decodes about 1.5x faster than
                     # zstd here (weights compress little: by 8% in LZ4, 13% in zstd on the smoke zoo).
+                    if table == "checkpoints":  # the N x P matrices first: used only once the pack is in place
+                        write_matrices(self.zoo_dir(table, zoo) / f"{key}{MATRIX_SUFFIX}", data)
                     row_bytes = max(1, data.nbytes // max(1, len(data)))
                     self._write_atomic(self.zoo_dir(table, zoo) / f"{key}.parquet{PENDING}", data,
                                        row_group_size=max(1, min(len(data), (4 << 20) // row_bytes)),
