@@ -404,3 +404,25 @@ def test_the_readme_example_task_and_hook_run_as_written(root, tmp_path, capsys)
     assert main(["bench", "wide-soups", "--zoo", "smoke", "--include-path", str(folder), "--root", str(root), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "failed 0" in captured.err and "trimmed_soup(trim=0.25)" in captured.out
+
+
+def test_pruning_with_a_short_finetune_keeps_the_mask_and_recovers_accuracy(root, tmp_path):
+    path = _write(tmp_path / "ft.yaml", {**TASK, "task": "ft", "settings": {"finetune_epochs": 2},
+                                         "methods": [{"method": "magnitude_global", "parameters": {"sparsity": 0.9}}],
+                                         "metrics": [{"name": "test_acc"}, {"name": "test_acc_finetuned"}, {"name": "sparsity"}]})
+    seen = []
+    original = pruning._masked_finetune
+
+    def spy(model, masks, split, s):
+        out = original(model, masks, split, s)
+        seen.append(pruning.sparsity(out))
+        return out
+
+    pruning._masked_finetune = spy
+    try:
+        assert not run_task(zoo.open(root), load_task(path), "smoke").failed
+    finally:
+        pruning._masked_finetune = original
+    assert len(seen) == 8 and min(seen) >= 0.9 - 1e-3  # pruned weights stayed zero through the fine-tune
+    board = benchmarks.leaderboard(zoo.open(root), "ft").iloc[0]
+    assert board["test_acc_finetuned"] > board["test_acc"]
