@@ -112,6 +112,7 @@ def magnitude_global(model, p: PruneParameters, generator):
 class AlphaParameters(PruneParameters):
     eps: float = Field(0.2, gt=0.0, lt=1.0, description="half-width of the sparsity range around the target")
     xmin: str = Field("median", pattern="^(median|ks)$", description="the power-law fit's xmin: the median eigenvalue or by KS")
+    min_eigenvalues: int = Field(20, ge=2, description="layers with fewer eigenvalues get the median alpha")
 
 
 @register_method("alpha_pruning", kind="pruning", parameters=AlphaParameters)
@@ -135,6 +136,11 @@ def farms_pruning(model, p: FarmsParameters, generator):
 
 
 def _allocated(model, alphas, p: AlphaParameters):
+    """Magnitude masks at the alpha-allocated sparsities. A fit on a few eigenvalues is noise
+    (a 10-class head has 10): such a layer gets the median alpha of the others (nan here; see
+    `allocate_by_alpha`), else a 512 x 10 head fitted at alpha 4 was pruned to 100%."""
+    counts = [len(esd(matrices)) for _, matrices in layer_matrices(model)]
+    alphas = [a if n >= p.min_eigenvalues else float("nan") for a, n in zip(alphas, counts)]
     sizes = np.array([layer.weight.numel() for _, layer in prunable(model)])
     return layer_magnitude_masks(model, list(allocate_by_alpha(np.array(alphas), sizes, p.sparsity, p.eps)))
 

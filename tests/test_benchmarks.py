@@ -426,3 +426,16 @@ def test_pruning_with_a_short_finetune_keeps_the_mask_and_recovers_accuracy(root
     assert len(seen) == 8 and min(seen) >= 0.9 - 1e-3  # pruned weights stayed zero through the fine-tune
     board = benchmarks.leaderboard(zoo.open(root), "ft").iloc[0]
     assert board["test_acc_finetuned"] > board["test_acc"]
+
+
+@pytest.mark.parametrize("method", ["alpha_pruning", "farms_pruning"])
+def test_alpha_allocation_leaves_a_few_eigenvalue_head_at_the_median(method):
+    """A 10-class head has 10 eigenvalues: its alpha is noise, so it gets the others' median
+    alpha instead of whatever its fit says (it was once pruned to 100%)."""
+    model, _ = _state(5, {"name": "mlp", "width": 64, "depth": 3})
+    call = benchmarks.METHODS[method]
+    masks = call.function(model, call.parameters(sparsity=0.6), None)
+    kept = {name: float(mask.mean()) for name, mask in masks.items()}
+    head, others = kept.pop("7"), sorted(kept.values())
+    assert others[0] - 1e-3 <= head <= others[-1] + 1e-3 and head == pytest.approx(others[1], abs=0.01)
+    assert pruning.sparsity(pruning.apply_masks(model, masks)) == pytest.approx(0.6, abs=0.01)
