@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from zoo.catalog import ModelSpec, ZooConfig
 from zoo.launch import LaunchOptions, run_jobs
-from zoo.storage import Store
+from zoo.storage import Store, write_jobs
 
 from .jobs import train_and_store, work_items
 
@@ -67,9 +67,13 @@ def generate(
             if stored != bar.n:
                 bar.update(stored - bar.n)
 
+        def record_jobs(run: str, submitted: list[tuple[str, list[str]]]) -> None:
+            write_jobs(store, zoo.name, run, options.executor,
+                       [(m, job_id) for job_id, chunk in submitted for item in chunk for m in json.loads(item)["store"]])
+
         try:
-            outcomes = run_jobs(train_and_store, items, options, zoo.name,
-                                kwargs={"root": str(store.root)}, on_poll=show_progress)
+            outcomes = run_jobs(train_and_store, items, options, zoo.name, kwargs={"root": str(store.root)},
+                                on_poll=show_progress, on_submit=record_jobs)
         finally:
             bar.close()
         for outcome in outcomes:

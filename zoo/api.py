@@ -88,28 +88,30 @@ class Zoo:
             return torch.zeros(0, 0)
         for model_id in model_ids:
             safe_name("model id", model_id)
-        info = self.sql(
-            "select model_id, zoo, n_params, json_extract(config, '$.training.epochs')::int as epochs "
-            "from models where model_id in (select unnest(?))",
-            [model_ids],
-        ).set_index("model_id")
-        missing = [m for m in model_ids if m not in info.index]
+        # (the last epoch is read from the config only when it is needed: the JSON costs)
+        last = "json_extract(config, '$.training.epochs')::int" if epoch is None else str(int(epoch))
+        info = self.sql(f"select model_id, zoo, n_params, {last} as epochs from models where model_id in (select unnest(?))",
+                        [model_ids])
+        rows = {m: (z, int(n), int(e)) for m, z, n, e in zip(*(info[c].tolist() for c in ("model_id", "zoo", "n_params", "epochs")))}
+        missing = [m for m in model_ids if m not in rows]
         if missing:
             raise ZooError(f"no model {missing[0]!r} in {self.root}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if info["n_params"].nunique() > 1:
             raise ZooError("weights(): the models have different parameter counts; select one architecture and width")
-        groups = list(info.loc[model_ids].groupby(["zoo", "epochs"], sort=False))
+        groups: dict[tuple[str, int], list[str]] = {}
+        for m in model_ids:
+            z, _, e = rows[m]
+            groups.setdefault((z, e), []).append(m)
         if len(groups) == 1:  # one zoo and recipe: the matrix comes back in the requested order
-            (zoo, epochs), _ = groups[0]
-            matrix = self._vectors(zoo, model_ids, int(epochs) if epoch is None else int(epoch))
+            ((zoo, epochs),) = groups
+            matrix = self._vectors(zoo, model_ids, epochs)
         else:
             by_id = {}
-            for (zoo, epochs), group in groups:
-                ids = list(group.index)
-                by_id.update(zip(ids, self._vectors(zoo, ids, int(epochs) if epoch is None else int(epoch))))
+            for (zoo, epochs), ids in groups.items():
+                by_id.update(zip(ids, self._vectors(zoo, ids, epochs)))
             matrix = np.stack([by_id[m] for m in model_ids])
         if not buffers:
-            matrix = matrix[:, : int(info["n_params"].iloc[0])]
+            matrix = matrix[:, : rows[model_ids[0]][1]]
         return torch.from_numpy(np.ascontiguousarray(matrix))
 
     def export(self, model_id: str, path: str | os.PathLike, epoch: int | None = None) -> Path:

@@ -2,6 +2,7 @@
 
     zoo catalog                      the zoos, their grid sizes, how many models are stored
     zoo generate ZOO                 train what the root lacks (local, debug or slurm executor)
+    zoo status ZOO                   done, running, failed and missing models, with job ids
     zoo sql "SELECT ..."             read-only SQL over the root
     zoo metrics ZOO                  loss-landscape, spectral and weight-space metrics of every model
     zoo phases ZOO                   label each cell of the grid I, II, III, IV-A or IV-B
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stack", action="store_true", help="train one model at a time on the reference path")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train at most N missing models")
     _launch_arguments(g)
+
+    st = sub.add_parser("status", parents=[common], help="done, running, failed and missing models of a zoo, with job ids")
+    st.add_argument("zoo")
 
     m = sub.add_parser("metrics", parents=[common], help="compute and store metrics for every stored model")
     m.add_argument("zoo")
@@ -175,6 +179,26 @@ def cmd_generate(args) -> int:
     for model_id, error in list(report.failed.items())[:5]:
         print(f"  failed {model_id}: {error.splitlines()[0]}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def cmd_status(args) -> int:
+    from .status import zoo_status
+
+    zoo_config = load_catalog(args.catalog)[args.zoo]
+    root = Path(args.root or default_root())
+    if not (root / "tables").is_dir():
+        raise ZooError(f"no zoo root at {root}")
+    status = zoo_status(zoo_config, Store(root))
+    print(status.summary())
+    for model_id, job in status.running.items():
+        print(f"running  {model_id}  {job}")
+    for model_id, (job_id, error) in status.failed.items():
+        print(f"failed   {model_id}  job {job_id or '?'}  {error}")
+    for model_id, job in list(status.missing.items())[:20]:
+        print(f"missing  {model_id}  {job or 'never submitted'}")
+    if len(status.missing) > 20:
+        print(f"missing  ... and {len(status.missing) - 20} more")
+    return 0
 
 
 def cmd_sql(args) -> int:
@@ -321,6 +345,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "sql": cmd_sql,
     "metrics": cmd_metrics,
+    "status": cmd_status,
     "phases": cmd_phases,
     "plot": cmd_plot,
 }

@@ -61,6 +61,7 @@ def run_jobs(
     name: str,
     kwargs: dict | None = None,
     on_poll: Callable[[], None] | None = None,
+    on_submit: Callable[[str, list[tuple[str, list[str]]]], None] | None = None,
 ) -> list[JobOutcome]:
     """Split `items` into jobs, run `function(items=chunk, **kwargs)` for each through submitit,
     and return every job's outcome. `on_poll` is called between polls (to move a progress bar).
@@ -75,15 +76,24 @@ def run_jobs(
     outcomes: list[JobOutcome] = []
     running: list[tuple[Any, list[str]]] = []
     queue = list(chunks)
+    submitted: list[tuple[str, list[str]]] = []  # (job id, items) of this run, for on_submit
+
+    def record(new: list[tuple[Any, list[str]]]) -> None:
+        submitted.extend((str(job.job_id), chunk) for job, chunk in new)
+        if on_submit:
+            on_submit(folder.name, submitted)
+
     if options.executor == "slurm":
         with executor.batch():
             running = [(executor.submit(function, items=chunk, **kwargs), chunk) for chunk in queue]
         queue = []
+        record(running)
     limit = options.workers if options.executor == "local" else 1
     while queue or running:
         while queue and len(running) < limit:
             chunk = queue.pop(0)
             running.append((executor.submit(function, items=chunk, **kwargs), chunk))
+            record(running[-1:])
         for job, chunk in [r for r in running if _finished(r[0])]:
             running.remove((job, chunk))
             outcomes.append(_outcome(job, chunk))

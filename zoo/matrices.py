@@ -53,7 +53,8 @@ def write_matrices(path: Path, checkpoints: pa.Table) -> None:
 
 def read_rows(path: Path, model_ids: set[str], epoch: int) -> list[tuple[list[str], np.ndarray]]:
     """(ids, rows) blocks of the models of `model_ids` that the file holds, at `epoch`: one
-    block per vector length, rows in the file's order.
+    block per vector length, rows in the file's order (a read-only memory map when every row
+    of a matrix is wanted: copy it before the file may change).
 
     The header is parsed here rather than through `safetensors.safe_open`, because that API
     returns whole tensors or contiguous slices, and a read of a few scattered rows should touch
@@ -76,7 +77,7 @@ def read_rows(path: Path, model_ids: set[str], epoch: int) -> list[tuple[list[st
             continue
         begin, _ = info["data_offsets"]
         matrix = np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=tuple(info["shape"]))
-        block = np.array(matrix) if len(rows) == len(ids) else matrix[np.asarray(rows)]
+        # all rows: the memory map itself (the caller copies once, into place); some: a gather
+        block = matrix if len(rows) == len(ids) else matrix[np.asarray(rows)]
         blocks.append(([ids[i] for i in rows], block))
-        del matrix
     return blocks

@@ -193,6 +193,16 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("created_at", pa.timestamp("us", tz="UTC")),
         ]
     ),
+    "jobs": pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("zoo", pa.string()),
+            ("job_id", pa.string()),
+            ("executor", pa.string()),
+            ("run", pa.string()),  # the launch that submitted it (one part per run)
+            ("submitted_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
     "failures": pa.schema(
         [
             ("model_id", pa.string()),
@@ -398,7 +408,7 @@ class Store:
         position = {m: i for i, m in enumerate(model_ids)}
         out = np.zeros((len(model_ids), blocks[0][1].shape[1]), dtype=np.float32)
         for ids, block in blocks:
-            out[[position[m] for m in ids]] = block
+            out[np.fromiter((position[m] for m in ids), dtype=np.int64, count=len(ids))] = block
         return out, [m for m in model_ids if m in wanted]
 
     # --- packing -------------------------------------------------------------------------
@@ -586,6 +596,15 @@ def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
             fields.append(pa.field(name, _ARROW_TYPES[kind]))
     store.write_part("models", spec.zoo, model_id, pa.Table.from_pylist([row], schema=pa.schema(fields)))
     store.remove_part("failures", spec.zoo, model_id)
+
+
+def write_jobs(store: Store, zoo: str, run: str, executor: str, jobs: list[tuple[str, str]]) -> None:
+    """Record which job trains which model ((model_id, job_id) pairs), one part per run,
+    rewritten as the run submits more jobs: `zoo status` reads it."""
+    now = datetime.now(timezone.utc)
+    store.write_part("jobs", zoo, safe_name("run", run), pa.Table.from_pylist(
+        [{"model_id": m, "zoo": zoo, "job_id": j, "executor": executor, "run": run, "submitted_at": now} for m, j in jobs],
+        schema=SCHEMAS["jobs"]))
 
 
 def write_failure(store: Store, zoo: str, model_id: str, error: str, job_id: str = "") -> None:

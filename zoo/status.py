@@ -1,0 +1,119 @@
+"""Where a zoo's generation stands: done, running, failed and missing models, with job ids.
+
+    done     the model is stored
+    running  not stored, and its latest job is still alive: pending or running under SLURM
+             (asked with `sacct`, with a timeout), or a local job whose process lives
+    failed   not stored, and its last training raised (the `failures` table: error, job id);
+             the next `zoo generate` retries it
+    missing  everything else: never submitted, or its job ended without storing it (cancelled,
+             killed, timed out); the next `zoo generate` trains it
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from .catalog import ZooConfig
+from .storage import Store
+
+SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD",
+                "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+
+
+@dataclass
+class ZooStatus:
+    zoo: str
+    total: int
+    done: list[str] = field(default_factory=list)
+    running: dict[str, str] = field(default_factory=dict)  # model id -> "job 123_4 RUNNING"
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # model id -> (job id, error)
+    missing: dict[str, str] = field(default_factory=dict)  # model id -> its last job, if any
+
+    def summary(self) -> str:
+        return (f"{self.zoo}: {len(self.done)} done, {len(self.running)} running, {len(self.failed)} failed, "
+                f"{len(self.missing)} missing of {self.total}")
+
+
+def zoo_status(zoo: ZooConfig, store: Store, sacct_timeout: float = 30.0) -> ZooStatus:
+    ids = [spec.model_id for spec in zoo.models()]
+    stored = store.stored_ids("models", zoo.name)
+    status = ZooStatus(zoo.name, len(ids), done=[m for m in ids if m in stored])
+    jobs = _latest_jobs(store, zoo.name)  # model id -> (job id, executor)
+    failures = _failures(store, zoo.name)
+    states = _slurm_states(sorted({j for j, e in jobs.values() if e == "slurm"}), sacct_timeout)
+    for model_id in ids:
+        if model_id in stored:
+            continue
+        job_id, executor = jobs.get(model_id, ("", ""))
+        state = states.get(job_id, "") if executor == "slurm" else ("RUNNING" if executor == "local" and _alive(job_id) else "")
+        if state in SLURM_ACTIVE:
+            status.running[model_id] = f"job {job_id} {state}"
+        elif model_id in failures:
+            status.failed[model_id] = failures[model_id]
+        else:
+            status.missing[model_id] = f"job {job_id} {state}".strip() if job_id else ""
+    return status
+
+
+def _latest_jobs(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
+    folder = store.zoo_dir("jobs", zoo)
+    if not folder.is_dir():
+        return {}
+    table = pq.ParquetDataset(sorted(str(p) for p in folder.glob("*.parquet"))).read() if any(folder.glob("*.parquet")) else None
+    if table is None or not len(table):
+        return {}
+    rows = table.sort_by([("submitted_at", "ascending"), ("run", "ascending")]).to_pylist()
+    return {r["model_id"]: (r["job_id"], r["executor"]) for r in rows}
+
+
+def _failures(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
+    folder = store.zoo_dir("failures", zoo)
+    out = {}
+    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        for r in pq.read_table(path).to_pylist():
+            out[r["model_id"]] = (r["job_id"], (r["error"] or "").splitlines()[0] if r["error"] else "")
+    return out
+
+
+def _slurm_states(job_ids: list[str], timeout: float) -> dict[str, str]:
+    """Job id -> SLURM state, from one `sacct` call ({} when SLURM cannot be asked)."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=timeout).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        job, _, state = line.partition("|")
+        state = state.split()[0] if state.strip() else ""
+        for one in _expand(job.strip()):
+            states[one] = state
+    return states
+
+
+def _expand(job: str) -> list[str]:
+    """sacct's "123_[0-3,5%2]" (pending array tasks) -> ["123_0", ..., "123_3", "123_5"]."""
+    if "_[" not in job:
+        return [job]
+    base, _, ranges = job.partition("_[")
+    out = []
+    for part in ranges.rstrip("]").split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit():
+            out += [f"{base}_{k}" for k in range(int(first), int(last or first) + 1)]
+    return out
+
+
+def _alive(job_id: str) -> bool:
+    """A local submitit job's id is its process id."""
+    try:
+        os.kill(int(job_id), 0)
+        return True
+    except (ValueError, OSError):
+        return False
