@@ -9,7 +9,6 @@ replaced atomically, a job that runs twice (a requeue, two runs at once) never d
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 import zoo
 from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
+from zoo.launch import current_job_id
 from zoo.storage import Store, write_failure, write_model
 
 from .stacked import group_into_stacks, shape_key, stack_key, train_stack
@@ -45,7 +45,7 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
     try:
         store = Store(root, create=True)
         report = JobReport()
-        job_id = os.environ.get("SLURM_JOB_ID", os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
+        job_id = current_job_id()
         queue = [json.loads(text) for text in items]
         while queue:
             item = queue.pop(0)

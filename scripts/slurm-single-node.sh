@@ -17,7 +17,12 @@ S=$BASE/slurm; M=$BASE/munge; DB=$BASE/mysql
 DBPORT=${ZOO_SLURM_DBPORT:-3307}   # not 3306: a distribution's own MariaDB cannot collide
 DAEMONS="slurmd slurmctld slurmdbd mariadbd munged"   # stop order
 
-alive() { [ -f "$BASE/pids.$1" ] && kill -0 "$(cat "$BASE/pids.$1")" 2>/dev/null; }
+alive() {  # a recorded daemon that runs (a killed one may linger as a zombie until reaped)
+  local state
+  [ -f "$BASE/pids.$1" ] || return 1
+  state=$(ps -o stat= -p "$(cat "$BASE/pids.$1")" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "${state#Z}" = "$state" ]
+}
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local seconds=$1 what=$2; shift 2
   for _ in $(seq $((seconds * 4))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
@@ -55,7 +60,8 @@ start_slurmd() {
   cd "$BASE"
   nohup slurmd -D > "$S/log/slurmd.stdout" 2>&1 &
   echo $! > "$BASE/pids.slurmd"
-  wait_for 90 "the node" sh -c 'sinfo -h -o %T | grep -qx idle'
+  # responding again: idle, or running (or finishing) jobs it had before
+  wait_for 90 "the node" sh -c 'sinfo -h -o %T | grep -qxE "idle|mixed|allocated|completing"'
 }
 
 up() {
@@ -135,7 +141,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 # a restarted slurmd brings the node back by itself
 ReturnToService=2
-SlurmdTimeout=30
+SlurmdTimeout=10
 MinJobAge=3600
 MaxArraySize=1001
 MailProg=/bin/true

@@ -154,12 +154,32 @@ def test_a_node_failure_requeues_the_job_and_the_zoo_completes(slurm, smoke_root
     time.sleep(2)
     for how, pattern in (("-x", "slurmd"), ("-x", "slurmstepd"), ("-f", "submitit.core._submit")):
         subprocess.run(["pkill", "-9", how, pattern], timeout=30)
+    # after SlurmdTimeout (10 s here) without an answer, slurmctld declares the node down: NODE_FAIL
+    wait_for(lambda: "down" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                                              env=slurm, timeout=30).stdout, 180, "the node to be declared down", poll=2)
     base = os.environ.get("ZOO_SLURM_BASE", "/tmp/zoo-slurm")
     up = subprocess.run(["bash", str(SCRIPT), "up", base], capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr[-2000:]
     out, err = run.communicate(timeout=400)
-    restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,Restarts,State"], capture_output=True, text=True,
-                              env=slurm, timeout=30).stdout
+    history = subprocess.run(["sacct", "-n", "-P", "-D", "-o", "JobID,State"], capture_output=True, text=True,
+                             env=slurm, timeout=30).stdout
+    assert "NODE_FAIL" in history, history  # the job was requeued, not just restarted by us
     if run.returncode != 0:  # the launch gave up on the killed job: a rerun completes the zoo
         assert main(["generate", "smoke", "--root", str(root), "--executor", "slurm", "--no-progress"]) == 0
-    assert checkpoint_hashes(root) == checkpoint_hashes(smoke_root) and row_counts(root) == (8, 24, 32), restarts
+    assert checkpoint_hashes(root) == checkpoint_hashes(smoke_root) and row_counts(root) == (8, 24, 32), history
+
+
+def sleepy(items: list[str], seconds: float) -> list[str]:
+    time.sleep(seconds)
+    return items
+
+
+def test_a_job_without_a_result_in_time_is_cancelled_and_reported(slurm, tmp_path):
+    from zoo.launch import LaunchOptions, run_jobs
+
+    options = LaunchOptions(executor="slurm", jobs_dir=tmp_path / "jobs", wait_timeout_min=0.1, poll_seconds=0.5)
+    start = time.monotonic()
+    outcomes = run_jobs(sleepy, ["a", "b"], options, "sleepy", kwargs={"seconds": 300})
+    assert time.monotonic() - start < 60
+    assert len(outcomes) == 2 and all("no result after 0.1 min; cancelled" in o.error for o in outcomes)
+    wait_for(lambda: not squeue(slurm), 60, "the cancelled jobs to leave the queue")

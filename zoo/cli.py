@@ -99,6 +99,9 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="concurrent local jobs (default: all cores)")
     parser.add_argument("--jobs-dir", type=Path, default=None, help="submitit's scratch folder (env ZOO_JOBS_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--wait-timeout-min", type=float, default=None, metavar="M",
+                        help="give up on (and cancel) a job with no result after M minutes "
+                             "(default: 3 x --timeout-min + 10 on SLURM, which allows for requeues; --timeout-min + 10 locally)")
     slurm = parser.add_argument_group("SLURM (override the catalog's `launch:` settings)")
     slurm.add_argument("--partition")
     slurm.add_argument("--gpus-per-node", type=int)
@@ -132,6 +135,10 @@ def _launch_options(args, zoo_config, **extra):
     options = LaunchOptions(executor=args.executor, jobs_dir=args.jobs_dir, slurm=launch, **extra)
     if args.workers is not None:
         options.workers = args.workers
+    if args.wait_timeout_min is not None:
+        if args.wait_timeout_min <= 0:
+            raise ZooError("--wait-timeout-min must be positive")
+        options.wait_timeout_min = args.wait_timeout_min
     return options
 
 

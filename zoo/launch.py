@@ -28,6 +28,14 @@ from .errors import ZooError
 EXECUTORS = ("local", "debug", "slurm")
 
 
+def current_job_id() -> str:
+    """The id submitit gives the job this process runs in ("123_4" for an array task), or ""."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID", "")
+
+
 @dataclass
 class LaunchOptions:
     executor: str = "local"
@@ -37,6 +45,16 @@ class LaunchOptions:
     jobs_dir: Path | None = None
     slurm: Launch = field(default_factory=Launch)
     poll_seconds: float = 0.5
+    wait_timeout_min: float | None = None  # None: see `wait_limit`
+
+    def wait_limit(self) -> float:
+        """Seconds a job may go without a result before it is cancelled and reported failed:
+        SLURM may requeue a job (node failure, preemption, a timeout with checkpointing), so
+        there three of its time limits, plus 10 minutes for the queue."""
+        if self.wait_timeout_min is not None:
+            return self.wait_timeout_min * 60
+        factor = 3 if self.executor == "slurm" else 1
+        return (factor * self.slurm.timeout_min + 10) * 60
 
     def check(self) -> None:
         if self.executor not in EXECUTORS:
@@ -89,14 +107,19 @@ def run_jobs(
         queue = []
         record(running)
     limit = options.workers if options.executor == "local" else 1
+    started = {id(job): time.monotonic() for job, _ in running}
     while queue or running:
         while queue and len(running) < limit:
             chunk = queue.pop(0)
             running.append((executor.submit(function, items=chunk, **kwargs), chunk))
+            started[id(running[-1][0])] = time.monotonic()
             record(running[-1:])
         for job, chunk in [r for r in running if _finished(r[0])]:
             running.remove((job, chunk))
             outcomes.append(_outcome(job, chunk))
+        for job, chunk in [r for r in running if time.monotonic() - started[id(r[0])] > options.wait_limit()]:
+            running.remove((job, chunk))
+            outcomes.append(_give_up(job, chunk, options.wait_limit()))
         if on_poll:
             on_poll()
         if running:
@@ -159,6 +182,16 @@ def _finished(job) -> bool:
         return job.done()
     except Exception:  # the debug executor runs the job inside done() and may raise there
         return True
+
+
+def _give_up(job, chunk: list[str], seconds: float) -> JobOutcome:
+    """A job with no result in time (lost by the scheduler, a node that never came back):
+    cancel it and report its items failed; the next run retries them."""
+    try:
+        job.cancel(check=False)
+    except Exception:  # already gone: nothing to cancel
+        pass
+    return JobOutcome(chunk, error=f"job {job.job_id}: no result after {seconds / 60:.1f} min; cancelled")
 
 
 def _outcome(job, chunk: list[str]) -> JobOutcome:

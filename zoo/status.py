@@ -50,7 +50,9 @@ def zoo_status(zoo: ZooConfig, store: Store, sacct_timeout: float = 30.0) -> Zoo
             continue
         job_id, executor = jobs.get(model_id, ("", ""))
         state = states.get(job_id, "") if executor == "slurm" else ("RUNNING" if executor == "local" and _alive(job_id) else "")
-        if state in SLURM_ACTIVE:
+        if model_id in failures and failures[model_id][0] == job_id:  # its latest job got to it, and it raised
+            status.failed[model_id] = failures[model_id]
+        elif state in SLURM_ACTIVE:
             status.running[model_id] = f"job {job_id} {state}"
         elif model_id in failures:
             status.failed[model_id] = failures[model_id]
