@@ -12,6 +12,7 @@ import json
 import traceback
 from dataclasses import dataclass, field
 
+import submitit
 import torch
 
 import zoo
@@ -75,6 +76,16 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
         return report
     finally:
         torch.set_num_threads(previous)
+
+
+class TrainAndStore(submitit.helpers.Checkpointable):
+    """`train_and_store` as a checkpointable submitit job. When SLURM is about to stop the job
+    (its time limit, a preemption), submitit calls `checkpoint`, which requeues the same call;
+    since stored models are skipped, the requeued job resumes after the last model it stored
+    instead of from scratch (a model cut off mid-training is trained again)."""
+
+    def __call__(self, root: str, items: list[str], threads: int = 1) -> JobReport:
+        return train_and_store(root, items, threads)
 
 
 def work_items(specs: list[ModelSpec], missing: set[str], stacked: bool = True, limit: int | None = None) -> list[str]:

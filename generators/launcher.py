@@ -13,7 +13,7 @@ from zoo.catalog import ModelSpec, ZooConfig
 from zoo.launch import LaunchOptions, run_jobs
 from zoo.storage import Store, write_jobs
 
-from .jobs import train_and_store, work_items
+from .jobs import TrainAndStore, work_items
 
 __all__ = ["GenerateReport", "LaunchOptions", "generate", "missing_models"]
 
@@ -72,7 +72,7 @@ def generate(
                        [(m, job_id) for job_id, chunk in submitted for item in chunk for m in json.loads(item)["store"]])
 
         try:
-            outcomes = run_jobs(train_and_store, items, options, zoo.name, kwargs={"root": str(store.root)},
+            outcomes = run_jobs(TrainAndStore(), items, options, zoo.name, kwargs={"root": str(store.root)},
                                 on_poll=show_progress, on_submit=record_jobs)
         finally:
             bar.close()

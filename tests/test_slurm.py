@@ -183,3 +183,30 @@ def test_a_job_without_a_result_in_time_is_cancelled_and_reported(slurm, tmp_pat
     assert time.monotonic() - start < 60
     assert len(outcomes) == 2 and all("no result after 0.1 min; cancelled" in o.error for o in outcomes)
     wait_for(lambda: not squeue(slurm), 60, "the cancelled jobs to leave the queue")
+
+
+def test_a_job_at_its_time_limit_requeues_and_resumes_after_its_last_stored_model(slurm, tmp_path):
+    """Six ~6 s models in one job with a 2-minute limit, warned 90 s before it: the job is
+    stopped after about 30 s, requeues itself (submitit's checkpoint), and the requeued run
+    trains only the models not yet stored; those stored before keep their rows."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"zoos": {"slow": {
+        "description": "six wide digits MLPs (reference path, ~6 s each)", "dataset": {"name": "digits"},
+        "architecture": {"name": "mlp", "depth": 2}, "load": {"name": "width", "values": [512]},
+        "temperature": {"name": "batch_size", "values": [16]}, "seeds": [0, 1, 2, 3, 4, 5],
+        "training": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 20}, "checkpoints": [0, 20]}}}))
+    root = tmp_path / "root"
+    run = zoo_command("generate", "slow", "--catalog", str(catalog), "--root", str(root), "--executor", "slurm",
+                      "--models-per-job", "6", "--timeout-min", "2", "--signal-delay-s", "90", env=slurm)
+    first = wait_for(lambda: (root / "tables").is_dir() and Store(root).stored_ids("models", "slow"), 120, "a first model")
+    early = zoo.open(root).sql("select model_id, created_at from models").set_index("model_id")["created_at"]
+    out, err = run.communicate(timeout=400)
+    assert run.returncode == 0, err[-2000:]
+    history = subprocess.run(["sacct", "-n", "-P", "-D", "-o", "JobID,State"], capture_output=True, text=True,
+                             env=slurm, timeout=30).stdout
+    job = zoo.open(root).sql("select distinct job_id from jobs")["job_id"].iloc[0]
+    states = [line.split("|")[1] for line in history.splitlines() if line.split("|")[0] == job]
+    assert "REQUEUED" in states or len(states) > 1, history  # stopped at its limit and requeued
+    assert row_counts(root) == (6, 12, 126)  # every model once: 6 x 2 checkpoints, 6 x 21 curve rows
+    later = zoo.open(root).sql("select model_id, created_at from models").set_index("model_id")["created_at"]
+    assert first and all(later[m] == early[m] for m in early.index)  # stored before the requeue: not trained again

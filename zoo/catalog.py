@@ -70,6 +70,7 @@ class Launch(Strict):
     cpus_per_task: int = Field(1, ge=1)
     mem_gb: float | None = Field(None, gt=0)
     timeout_min: int = Field(60, ge=2)
+    signal_delay_s: int = Field(90, ge=10, description="SLURM warns a job this long before its time limit; it then requeues itself")
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None

@@ -108,6 +108,8 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--cpus-per-task", type=int)
     slurm.add_argument("--mem-gb", type=float)
     slurm.add_argument("--timeout-min", type=int, dest="timeout_min")
+    slurm.add_argument("--signal-delay-s", type=int, dest="signal_delay_s",
+                       help="seconds before the time limit at which a job checkpoints and requeues itself (default 90)")
     slurm.add_argument("--account")
     slurm.add_argument("--qos")
     slurm.add_argument("--constraint")
@@ -120,7 +122,8 @@ def _launch_options(args, zoo_config, **extra):
 
     overrides = {
         key: getattr(args, key)
-        for key in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos", "constraint", "array_parallelism")
+        for key in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "signal_delay_s", "account", "qos",
+                    "constraint", "array_parallelism")
         if getattr(args, key) is not None
     }
     if args.sbatch:

@@ -167,6 +167,7 @@ def _executor(options: LaunchOptions, folder: Path):
         }
         executor.update_parameters(
             timeout_min=s.timeout_min,
+            slurm_signal_delay_s=s.signal_delay_s,
             gpus_per_node=s.gpus_per_node,
             cpus_per_task=s.cpus_per_task,
             slurm_array_parallelism=s.array_parallelism,
