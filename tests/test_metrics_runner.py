@@ -18,6 +18,7 @@ from zoo.catalog import load_catalog, parse_zoo
 from zoo.cli import main
 from zoo.errors import ZooError
 from zoo.launch import LaunchOptions
+from zoo.matrices import write_matrices
 from zoo.storage import Store
 
 from .conftest import REPO
@@ -119,6 +120,7 @@ def test_nan_weights_give_nan_rows_and_a_warning(smoke_root, tmp_path):
                for m, w in zip(table.column("model_id").to_pylist(), table.column("weights").to_pylist())]
     table = table.set_column(table.schema.get_field_index("weights"), "weights", pa.array(weights, pa.list_(pa.float32())))
     pq.write_table(table, part)
+    write_matrices(part.with_suffix(".safetensors"), table)  # the pack's N x P copy, as Store.pack writes it
     report = run_metrics(smoke_with(CHEAP), Store(root, create=True), ["spectral", "hessian", "cka"], "final",
                          LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs"), progress=False)
     assert any("non-finite" in w and model_id in w for w in report.warnings)
