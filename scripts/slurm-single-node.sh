@@ -142,6 +142,8 @@ SchedulerType=sched/backfill
 # a restarted slurmd brings the node back by itself
 ReturnToService=2
 SlurmdTimeout=10
+# a cancelled job's processes get 5 s between SIGTERM and SIGKILL (default 30)
+KillWait=5
 MinJobAge=3600
 MaxArraySize=1001
 MailProg=/bin/true
