@@ -82,7 +82,7 @@ def test_a_job_run_twice_stores_each_model_once(smoke_root, tmp_path):
     assert len(prints) == 2 * 3 and all(prints[k] == fingerprint(smoke_root)[k] for k in prints)
 
 
-def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch):
+def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch, capsys):
     zoo_config = load_catalog(REPO / "catalog.yaml")["smoke"]
     bad_id = zoo_config.models()[3].model_id
     real_train = jobs.train_stack
@@ -99,6 +99,12 @@ def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch
     assert report.trained == 7 and list(report.failed) == [bad_id]
     failures = zoo.open(tmp_path / "r").sql("select model_id, error from failures")
     assert failures["model_id"].tolist() == [bad_id] and "simulated divergence" in failures["error"][0]
+    from zoo.cli import main
+
+    assert main(["status", "smoke", "--root", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "smoke: 7 done, 0 running, 1 failed, 0 missing of 8"
+    assert out[1].startswith(f"failed   {bad_id}") and "RuntimeError: simulated divergence" in out[1]
     monkeypatch.setattr(jobs, "train_stack", real_train)
     report = generate(zoo_config, store, options, progress=False)  # the failed model is retried
     assert report.planned == 1 and report.trained == 1
@@ -112,6 +118,11 @@ def test_limit_trains_at_most_n_missing_models(tmp_path):
     assert generate(zoo_config, store, options, progress=False).trained == 3
     assert generate(zoo_config, store, options, progress=False).trained == 3
     assert len(store.stored_ids("models", "smoke")) == 6
+    from zoo.status import zoo_status
+
+    status = zoo_status(zoo_config, store)
+    assert len(status.done) == 6 and len(status.missing) == 2 and not status.failed and not status.running
+    assert all(job == "never submitted" or job == "" for job in status.missing.values())
 
 
 def test_bad_launch_options_are_clear_errors(tmp_path, capsys):
