@@ -68,8 +68,9 @@ def _section(z, task: str, zoo_name: str, rows: pd.DataFrame, out: Path) -> str:
     parts = [f"<h2 id='{html.escape(slug)}'>{html.escape(task)} on {html.escape(zoo_name)}</h2>",
              f"<p class='meta'>ranked by {html.escape(first)} ({'higher' if higher else 'lower'} is better); "
              f"version {int(rows['task_version'].iloc[0])}; code {html.escape(str(rows['code_version'].iloc[0]))}</p>"]
-    parts.append(render(leaderboard(z, task, None, zoo_name), "html"))
-    parts.append("<h3>By phase</h3>" + render(leaderboard(z, task, "phase", zoo_name), "html"))
+    named = ["task", "zoo"]  # (the heading names them)
+    parts.append(render(leaderboard(z, task, None, zoo_name).drop(columns=named), "html"))
+    parts.append("<h3>By phase</h3>" + render(leaderboard(z, task, "phase", zoo_name).drop(columns=named), "html"))
     images = [_heatmap(rows, first, out / "img" / f"{slug}-methods-by-phase.png", task),
               _phase_diagram(z, rows, first, higher, out / "img" / f"{slug}-phase-diagram.png", task, zoo_name),
               _sweeps(rows, first, out / "img" / f"{slug}-sweeps.png", task)]
