@@ -466,20 +466,7 @@ def _hvp_flat(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_
     """
     pieces = [chunk.view_as(p).to(p)
               for chunk, p in zip(v.split([p.numel() for p in params]), params)]
-    total = [torch.zeros_like(p) for p in params]
-    device = params[0].device
-    for x, y in batches:
-        loss = F.cross_entropy(model(x.to(device)), y.to(device)) * (len(x) / n_samples)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
-                                    materialize_grads=True)
-        pairs = [(g, piece) for g, piece in zip(grads, pieces) if g.requires_grad]
-        if not pairs:
-            continue
-        products = torch.autograd.grad([g for g, _ in pairs], params,
-                                       grad_outputs=[piece for _, piece in pairs],
-                                       allow_unused=True, materialize_grads=True)
-        for acc, product in zip(total, products):
-            acc.add_(product)
+    total = _hvp_sum(model, params, batches, n_samples, pieces, batched=False)
     return torch.cat([t.reshape(-1) for t in total]).to(v.device, torch.float64)
 
 
@@ -495,7 +482,15 @@ def _hvp_block(model: nn.Module, params: list[nn.Parameter], batches: Batches, n
     k = block.shape[1]
     pieces = [chunk.T.reshape(k, *p.shape).to(p)
               for chunk, p in zip(block.split([p.numel() for p in params]), params)]
-    total = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+    total = _hvp_sum(model, params, batches, n_samples, pieces, batched=True)
+    return torch.cat([t.reshape(k, -1) for t in total], dim=1).T.to(block.device, torch.float64)
+
+
+def _hvp_sum(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_samples: int,
+             pieces: list[torch.Tensor], batched: bool) -> list[torch.Tensor]:
+    """Per parameter, the size-weighted sum over batches of H times its tangent(s) ``pieces``
+    (shaped like the parameter, with a leading tangent axis when ``batched``)."""
+    total = [torch.zeros_like(piece) for piece in pieces]
     device = params[0].device
     for x, y in batches:
         loss = F.cross_entropy(model(x.to(device)), y.to(device)) * (len(x) / n_samples)
@@ -506,11 +501,11 @@ def _hvp_block(model: nn.Module, params: list[nn.Parameter], batches: Batches, n
             continue
         products = torch.autograd.grad([g for g, _ in pairs], params,
                                        grad_outputs=[piece for _, piece in pairs],
-                                       is_grads_batched=True, allow_unused=True,
+                                       is_grads_batched=batched, allow_unused=True,
                                        materialize_grads=True)
         for acc, product in zip(total, products):
             acc.add_(product)
-    return torch.cat([t.reshape(k, -1) for t in total], dim=1).T.to(block.device, torch.float64)
+    return total
 
 
 def _orthonormal_columns(w: torch.Tensor, floor: float) -> torch.Tensor:
