@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -62,4 +63,24 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 25
     from torch.optim.swa_utils import update_bn
 
     update_bn([x[i : i + batch_size] for i in range(0, len(x), batch_size)], model)
+    return model.eval()
+
+
+def finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
+             seed: int, after_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """A short plain-SGD fine-tune (momentum 0.9, a seeded shuffle per epoch) in train mode, in
+    place; `after_step` runs after every optimizer step (pruning re-applies its masks there).
+    Returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(model)
     return model.eval()

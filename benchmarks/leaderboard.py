@@ -87,17 +87,20 @@ def render(board: pd.DataFrame, fmt: str) -> str:
 def _labels(frame: pd.DataFrame) -> list[str]:
     """Each row's method, with the parameters that tell apart its task's calls of that method
     (a sweep's values; the full parameters are in the `parameters` column of the results)."""
-    varying: dict[tuple[str, str], list[str]] = {}
-    for (task, method), group in frame.groupby(["task", "method"]):
-        values = [json.loads(p) if p else {} for p in group["parameters"].drop_duplicates()]
-        keys = list(dict.fromkeys(k for v in values for k in v))
-        varying[(task, method)] = [k for k in keys if len({json.dumps(v.get(k)) for v in values}) > 1]
+    varying = {key: varying_parameters(group["parameters"]) for key, group in frame.groupby(["task", "method"])}
     labels = []
     for task, method, parameters in zip(frame["task"], frame["method"], frame["parameters"]):
         values = json.loads(parameters) if parameters else {}
         shown = [f"{k}={values.get(k)}" for k in varying[(task, method)]]
         labels.append(method + (f"({', '.join(shown)})" if shown else ""))
     return labels
+
+
+def varying_parameters(parameters: pd.Series) -> list[str]:
+    """The parameter names whose values differ among these calls (JSON parameter strings)."""
+    values = [json.loads(p) if p else {} for p in parameters.drop_duplicates()]
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    return [k for k in keys if len({json.dumps(v.get(k)) for v in values}) > 1]
 
 
 def _ranking_metric(frame: pd.DataFrame) -> tuple[str, bool]:

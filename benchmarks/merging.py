@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from zoo.permutations import PermutationSpec, permutation_spec, permute_state
 
-from .evaluation import StateDict, accuracy, has_batchnorm, reestimate_batchnorm, with_state
+from .evaluation import StateDict, accuracy, finetune, has_batchnorm, reestimate_batchnorm, with_state
 from .registry import Parameters, register_method, register_protocol
 
 # --------------------------------------------------------------------------- merge functions
@@ -335,7 +335,8 @@ def merge_tasks(unit, call, settings: TaskMergeSettings):
     finetuned = []
     for k, mask in enumerate((in_a_train, ~in_a_train)):
         model = with_state(base_model, base)
-        _finetune(model, split.x_train[mask], split.y_train[mask], settings, settings.seed + k)
+        finetune(model, split.x_train[mask], split.y_train[mask], settings.epochs, settings.lr, settings.batch_size,
+                 settings.seed + k)
         finetuned.append({k2: v.detach().clone() for k2, v in model.state_dict().items()})
     val = lambda s: accuracy(with_state(base_model, s), split.x_val, split.y_val)  # noqa: E731
     best_state, best_val, best_lam = None, -1.0, math.nan
@@ -355,17 +356,3 @@ def merge_tasks(unit, call, settings: TaskMergeSettings):
                 finetuned_a_acc=test(fa, everything), finetuned_b_acc=test(fb, everything),
                 base_acc=test(base_model, everything), lam=best_lam)
 
-
-def _finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s: TaskMergeSettings, seed: int) -> None:
-    """A short plain-SGD fine-tune (momentum 0.9) in train mode."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
-    model.train()
-    for _ in range(s.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), s.batch_size):
-            batch = order[start : start + s.batch_size]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()

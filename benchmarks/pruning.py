@@ -23,7 +23,7 @@ from torch.nn.utils import prune
 
 from metrics.spectral import esd, farms_alpha, fit_power_law, layer_matrices
 
-from .evaluation import accuracy
+from .evaluation import accuracy, finetune
 from .registry import Parameters, register_method, register_protocol
 
 
@@ -172,15 +172,6 @@ def prune_model(unit, call, settings: PruneSettings):
 
 
 def _masked_finetune(model, masks, split, s: PruneSettings):
-    generator = torch.Generator().manual_seed(s.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=s.finetune_lr, momentum=0.9)
-    model.train()
-    for _ in range(s.finetune_epochs):
-        order = torch.randperm(len(split.x_train), generator=generator)
-        for start in range(0, len(order), s.batch_size):
-            batch = order[start : start + s.batch_size]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(split.x_train[batch]), split.y_train[batch]).backward()
-            optimizer.step()
-            apply_masks(model, masks)  # pruned weights stay zero
-    return model.eval()
+    """Fine-tune on the training split with the pruned weights kept at zero."""
+    return finetune(model, split.x_train, split.y_train, s.finetune_epochs, s.finetune_lr, s.batch_size, s.seed,
+                    after_step=lambda m: apply_masks(m, masks))

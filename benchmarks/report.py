@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metrics.phases import _fmt
 from zoo.errors import ZooError
 
-from .leaderboard import _labels, _metric_order, leaderboard, render, results
+from .leaderboard import _labels, _metric_order, leaderboard, render, results, varying_parameters
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -140,8 +141,7 @@ def _sweeps(rows: pd.DataFrame, metric: str, path: Path, task: str):
     lines = []
     for method, group in rows[rows["metric"] == metric].groupby("method"):
         values = [json.loads(p) for p in group["parameters"].drop_duplicates()]
-        keys = [k for k in dict.fromkeys(k for v in values for k in v)
-                if len({json.dumps(v.get(k)) for v in values}) > 1 and all(isinstance(v.get(k), (int, float)) for v in values)]
+        keys = [k for k in varying_parameters(group["parameters"]) if all(isinstance(v.get(k), (int, float)) for v in values)]
         if len(keys) != 1:
             continue
         key = keys[0]
@@ -166,6 +166,3 @@ def _sweeps(rows: pd.DataFrame, metric: str, path: Path, task: str):
     plt.close(fig)
     return path.name, f"{task}: {metric} against the swept parameter"
 
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
