@@ -24,13 +24,11 @@ import zoo as zoo_package
 from zoo.api import Zoo
 from zoo.datasets import Data, load_dataset
 from zoo.errors import ZooError
+from zoo.population import UNLABELLED, phase_labels
 from zoo.storage import SCHEMAS
 
 from .evaluation import Holdout, holdout
 from .tasks import MethodCall, Task
-
-UNLABELLED = "unlabelled"
-
 
 @dataclass
 class UnitContext:
@@ -91,18 +89,9 @@ def selected_models(z: Zoo, task: Task, zoo_name: str) -> pd.DataFrame:
     )
     if models.empty:
         raise ZooError(f"{task.path}, field 'select': the query selects no models of zoo {zoo_name!r} in {z.root}")
-    labels = phases(z, zoo_name)
-    models["phase"] = [labels.get((l, t), UNLABELLED) for l, t in zip(models["load"], models["temperature"])]
+    labels = phase_labels(z)
+    models["phase"] = [labels.get((zoo_name, l, t), UNLABELLED) for l, t in zip(models["load"], models["temperature"])]
     return models.reset_index(drop=True)
-
-
-def phases(z: Zoo, zoo_name: str) -> dict[tuple[float, float], str]:
-    """(load, temperature) -> phase label of the zoo's last labelled epoch ({} if none)."""
-    if "cells" not in z.store.tables():
-        return {}
-    cells = z.sql("select load, temperature, phase from cells where zoo = ? and epoch = "
-                  "(select max(epoch) from cells where zoo = ?)", [zoo_name, zoo_name])
-    return {(l, t): p if isinstance(p, str) else UNLABELLED for l, t, p in cells.itertuples(index=False)}
 
 
 def units(z: Zoo, task: Task, models: pd.DataFrame, seed: int) -> list[UnitContext]:

@@ -21,6 +21,8 @@ from .errors import ZooError
 from .permutations import permutation_spec, permute_state, random_permutations
 from .weights import unflatten
 
+UNLABELLED = "unlabelled"  # the phase of a model whose cell has no label (before `zoo phases`)
+
 
 class WeightDataset(Dataset):
     """The models `select` names (an SQL query returning model_id, or a list of ids)."""
@@ -79,11 +81,17 @@ def properties(zoo, model_ids: list[str], epoch: int | None = None) -> pd.DataFr
     if missing:
         raise ZooError(f"no curve row for model {missing[0]!r} at epoch {epoch if epoch is not None else 'final'}")
     frame = frame.loc[model_ids].reset_index()
-    labels = {}
-    if "cells" in zoo.store.tables():
-        cells = zoo.sql("select zoo, load, temperature, phase from cells c where epoch = "
-                        "(select max(epoch) from cells d where d.zoo = c.zoo)")
-        labels = {(z, l, t): p for z, l, t, p in cells.itertuples(index=False) if isinstance(p, str)}
-    frame["phase"] = [labels.get((z, l, t), "unlabelled") for z, l, t in zip(frame["zoo"], frame["load"], frame["temperature"])]
+    labels = phase_labels(zoo)
+    frame["phase"] = [labels.get((z, l, t), UNLABELLED) for z, l, t in zip(frame["zoo"], frame["load"], frame["temperature"])]
     frame["epoch"] = frame["epoch"].astype(int)
     return frame
+
+
+def phase_labels(zoo) -> dict[tuple[str, float, float], str]:
+    """(zoo name, load, temperature) -> the phase of that cell at its zoo's last labelled epoch
+    (the `cells` table that `zoo phases` writes); cells without a label are left out."""
+    if "cells" not in zoo.store.tables():
+        return {}
+    cells = zoo.sql("select zoo, load, temperature, phase from cells c where epoch = "
+                    "(select max(epoch) from cells d where d.zoo = c.zoo)")
+    return {(z, l, t): p for z, l, t, p in cells.itertuples(index=False) if isinstance(p, str)}

@@ -63,9 +63,8 @@ def zoo_status(zoo: ZooConfig, store: Store, sacct_timeout: float = 30.0) -> Zoo
 
 def _latest_jobs(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
     folder = store.zoo_dir("jobs", zoo)
-    if not folder.is_dir():
-        return {}
-    table = pq.ParquetDataset(sorted(str(p) for p in folder.glob("*.parquet"))).read() if any(folder.glob("*.parquet")) else None
+    parts = sorted(str(p) for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    table = pq.ParquetDataset(parts).read() if parts else None
     if table is None or not len(table):
         return {}
     rows = table.sort_by([("submitted_at", "ascending"), ("run", "ascending")]).to_pylist()
