@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -70,7 +71,7 @@ def test_a_mutated_zoo_loads_or_is_refused_naming_zoo_and_field(case):
         TRIED["refused"] += 1
         message = str(e)
         assert f"zoo {name!r}" in message and "\n" not in message and "Traceback" not in message
-        assert "field '" in message or "expected a mapping" in message, message
+        assert re.search(r"field ['\"]", message) or "expected a mapping" in message, message  # a repr
         return
     TRIED["loaded"] += 1
     assert parse_zoo(name, json.loads(zoo.model_dump_json(exclude={"name"}))) == zoo  # round trip
