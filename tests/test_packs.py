@@ -31,7 +31,7 @@ def unpacked(tmp_path_factory):
 
 
 def parts(root, table="checkpoints"):
-    return sorted(p.name for p in Store(root).zoo_dir(table, "smoke").iterdir() if p.suffix != ".safetensors")
+    return sorted(p.name for p in Store(root).zoo_dir(table, "smoke").iterdir() if p.suffix != ".safetensors" and not p.name.startswith("."))
 
 
 def test_generate_packs_the_zoo_and_nothing_changes_but_the_files(smoke_root, unpacked):

@@ -151,8 +151,10 @@ def test_model_ids_with_path_traversal_are_rejected(smoke_root):
 
 
 def test_no_pickle_files_in_the_root(smoke_root):
-    suffixes = {p.suffix for p in smoke_root.rglob("*") if p.is_file()}
+    suffixes = {p.suffix for p in smoke_root.rglob("*") if p.is_file() and p.name != ".checksums"}
     assert suffixes <= {".parquet", ".safetensors", ".duckdb", ".lock"}  # .pack.lock: an empty lock file
+    manifests = list(smoke_root.rglob(".checksums"))  # text: sha256, size, name per line
+    assert manifests and all(line.count("\t") == 2 for m in manifests for line in m.read_text().splitlines())
 
 
 def test_empty_root_views_answer_with_zero_rows(tmp_path):

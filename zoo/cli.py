@@ -4,6 +4,7 @@
     zoo generate ZOO                 train what the root lacks (local, debug or slurm executor)
     zoo status ZOO                   done, running, failed and missing models, with job ids
     zoo sql "SELECT ..."             read-only SQL over the root
+    zoo verify [ZOO]                 check every file and weight hash; quarantine damaged files
     zoo metrics ZOO                  loss-landscape, spectral and weight-space metrics of every model
     zoo phases ZOO                   label each cell of the grid I, II, III, IV-A or IV-B
     zoo plot ZOO --metric M --out F  phase diagram of a metric
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .catalog import load_catalog
 from .errors import ZooError
-from .storage import Store, default_root
+from .storage import Store, default_root, safe_name
 
 
 def _common() -> argparse.ArgumentParser:
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", parents=[common], help="list the benchmark tasks and methods").add_argument(
         "--include-path", action="append", default=[], metavar="DIR")
+
+    v = sub.add_parser("verify", parents=[common], help="check every file and weight hash; quarantine damaged files")
+    v.add_argument("zoo", nargs="?", help="only this zoo's files (default: the whole root)")
+    v.add_argument("--report-only", action="store_true", help="report damage, move nothing")
 
     q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
     q.add_argument("query")
@@ -209,6 +214,18 @@ def cmd_status(args) -> int:
     if len(status.missing) > 20:
         print(f"missing  ... and {len(status.missing) - 20} more")
     return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import describe, verify
+
+    store = Store(args.root or default_root())
+    if args.zoo:
+        safe_name("zoo name", args.zoo)
+    report = verify(store, args.zoo, repair=not args.report_only)
+    for line in describe(report, store.root):
+        print(line)
+    return 0 if report.intact else 1
 
 
 def cmd_sql(args) -> int:
@@ -356,6 +373,7 @@ COMMANDS = {
     "sql": cmd_sql,
     "metrics": cmd_metrics,
     "status": cmd_status,
+    "verify": cmd_verify,
     "phases": cmd_phases,
     "plot": cmd_plot,
 }

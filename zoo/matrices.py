@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from safetensors.numpy import save_file
+
+from .integrity import commit, temporary_name, write_error
 
 FORMAT = "zoo-weight-matrix-1"
 
@@ -41,12 +42,17 @@ def write_matrices(path: Path, checkpoints: pa.Table) -> None:
             flat = weights.take(pa.array(rows)).flatten().to_numpy(zero_copy_only=False)
             tensors[name] = np.ascontiguousarray(flat.reshape(len(rows), int(length)), dtype=np.float32)
             metadata[name] = json.dumps(ids[rows].tolist())
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_name(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # (safetensors creates it 0600; the Parquet packs beside it follow the umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
+    except Exception as e:  # (safetensors reports a full disk as its own error type)
+        raise write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -59,7 +59,10 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, params: list | dict | 
     try:
         return con.execute(query, params or []).df()
     except duckdb.Error as e:
-        raise ZooError(f"SQL error: {_first_line(e)}") from None
+        message = _first_line(e)
+        if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException)) and ".parquet" in message:
+            message += " (a damaged file: `zoo verify` finds it and moves it to quarantine/)"
+        raise ZooError(f"SQL error: {message}") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +43,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import ZooError
+from .integrity import commit, compact_manifest, rename, sweep_temporary, temporary_name, write_error
 from .matrices import read_rows, write_matrices
 from .weights import TensorEntry, n_parameters, sha256
 
@@ -231,12 +231,13 @@ def safe_name(kind: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Yields True while holding an exclusive lock on `path`, False if another process holds it.
-    The OS releases the lock when its holder dies, so a killed packer never blocks the next."""
+def _exclusive_lock(path: Path, wait: bool = False):
+    """Yields True while holding an exclusive lock on `path`, False if another process holds it
+    (with `wait`, waits for it). The OS releases the lock when its holder dies, so a killed
+    packer never blocks the next."""
     with open(path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             yield False
             return
@@ -268,7 +269,7 @@ class Store:
                 if not (folder / "_empty.parquet").exists():
                     self._write_atomic(folder / "_empty.parquet", schema.empty_table())
         except OSError as e:
-            raise ZooError(f"cannot write the zoo root {self.root}: {e.strerror or e}") from None
+            raise write_error(self.root, e) from None
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -292,7 +293,10 @@ class Store:
 
     def write_part(self, table: str, zoo: str, key: str, data: pa.Table) -> Path:
         path = self.part_path(table, zoo, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(path.parent, e) from None
         self._write_atomic(path, data)
         return path
 
@@ -309,21 +313,18 @@ class Store:
 
     @staticmethod
     def _write_atomic(path: Path, data: pa.Table, **options) -> None:
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary_name(path)
         try:
             pq.write_table(
                 data.replace_schema_metadata({**(data.schema.metadata or {}), b"zoo_schema_version": SCHEMA_VERSION.encode()}),
                 tmp,
-                **{"compression": "zstd", **options},
+                **{"compression": "zstd", "write_page_checksum": True, **options},
             )
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            commit(tmp, path)  # its checksum on record, then renamed into place
+        except OSError as e:
+            raise write_error(path, e) from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -338,7 +339,7 @@ class Store:
         ids = set()
         for path in folder.iterdir():
             if path.name.startswith(PACK_PREFIX) and path.name.endswith((".parquet", PENDING)):
-                ids.update(pq.read_table(path, columns=["model_id"]).column(0).to_pylist())
+                ids.update(_model_ids(path))
             elif path.name.endswith(".parquet") and not path.name.startswith("."):
                 ids.add(path.name[: -len(".parquet")])
         return ids
@@ -413,6 +414,10 @@ class Store:
 
     # --- packing -------------------------------------------------------------------------
 
+    def packing(self, wait: bool = False):
+        """The packer's lock: whoever holds it may rewrite and remove packs."""
+        return _exclusive_lock(self.root / ".pack.lock", wait)
+
     def pack(self, zoo: str) -> int:
         """Merge the per-model parts of `zoo`'s stored models into pack files (at most about
         PACK_BYTES of checkpoints each); returns how many models were packed. Safe at any time,
@@ -423,10 +428,11 @@ class Store:
         folder = self.zoo_dir("models", zoo)
         if not folder.is_dir():
             return 0
-        with _exclusive_lock(self.root / ".pack.lock") as locked:
+        with self.packing() as locked:
             if not locked:
                 return 0
             self.finish_packs(zoo)
+            self.sweep(zoo)
             matrices = self.zoo_dir("checkpoints", zoo)
             for path in matrices.glob(f"{PACK_PREFIX}*{MATRIX_SUFFIX}") if matrices.is_dir() else []:
                 if not path.with_suffix(".parquet").exists():  # a packer died before writing its pack
@@ -470,10 +476,22 @@ class Store:
                 self.finish_packs(zoo)
             return len(ids)
 
+    def sweep(self, zoo: str | None = None) -> int:
+        """Remove temporary files of dead writers and compact the checksum manifests of the
+        packed tables (of one zoo, or all); returns how many temporary files went."""
+        removed = sweep_temporary(self.root)
+        for table_dir in (self.root / "tables").iterdir():
+            removed += sweep_temporary(table_dir)
+            for folder in ([table_dir / zoo] if zoo else [p for p in table_dir.iterdir() if p.is_dir()]):
+                removed += sweep_temporary(folder)
+                if table_dir.name in PACKED_TABLES and folder.is_dir():
+                    compact_manifest(folder)
+        return removed
+
     def _packed_ids(self, table: str, zoo: str) -> set[str]:
         folder = self.zoo_dir(table, zoo)
         paths = folder.glob(f"{PACK_PREFIX}*.parquet") if folder.is_dir() else []
-        return {m for p in paths for m in pq.read_table(p, columns=["model_id"]).column(0).to_pylist()}
+        return {m for p in paths for m in _model_ids(p)}
 
     def finish_packs(self, zoo: str) -> None:
         """Put pending packs in place: remove the per-model parts they replace, then rename
@@ -481,9 +499,9 @@ class Store:
         for table in PACKED_TABLES:
             folder = self.zoo_dir(table, zoo)
             for pending in sorted(folder.glob(f"{PACK_PREFIX}*{PENDING}")) if folder.is_dir() else []:
-                for model_id in set(pq.read_table(pending, columns=["model_id"]).column(0).to_pylist()):
+                for model_id in set(_model_ids(pending)):
                     self.part_path(table, zoo, model_id).unlink(missing_ok=True)
-                os.replace(pending, pending.with_name(pending.name[: -len(PENDING)]))
+                rename(pending, pending.with_name(pending.name[: -len(PENDING)]))
 
     def view_sql(self, table: str) -> str:
         path = self.glob(table).replace("'", "''")
@@ -491,7 +509,12 @@ class Store:
 
     def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         for table in self.tables():
-            con.execute(self.view_sql(table))
+            try:
+                con.execute(self.view_sql(table))
+            except duckdb.Error as e:  # (a view reads every file's schema: a damaged file stops it)
+                first = str(e).strip().splitlines()[0]
+                raise ZooError(f"table {table}: {first} (a damaged file: run `zoo verify --root {self.root}` "
+                               "to move it to quarantine/)") from None
 
     def write_index(self) -> Path:
         """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query.
@@ -499,7 +522,7 @@ class Store:
         Written under a temporary name and renamed, so concurrent writers never collide on
         DuckDB's file lock and readers never see a half-written index."""
         path = self.root / INDEX_FILE
-        tmp = path.with_name(f".{INDEX_FILE}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary_name(path)
         try:
             con = duckdb.connect(str(tmp))
             try:
@@ -508,11 +531,20 @@ class Store:
                 con.close()
             os.replace(tmp, path)
         except (OSError, duckdb.Error) as e:
-            raise ZooError(f"cannot write the index {path}: {e}") from None
+            raise write_error(path, e) from None
         finally:
             tmp.unlink(missing_ok=True)
             tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
         return path
+
+
+def _model_ids(path: Path) -> list[str]:
+    """The model ids a pack holds; a damaged pack is named, with the way to recover."""
+    try:
+        return pq.read_table(path, columns=["model_id"]).column(0).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise ZooError(f"damaged file {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                       f"run `zoo verify --root {path.parents[3]}` to quarantine it") from None
 
 
 # --- one trained model --------------------------------------------------------------------
