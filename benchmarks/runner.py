@@ -10,6 +10,7 @@ raises on one unit gives that unit a `failed` row (with the error) and the rest 
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +30,9 @@ from zoo.storage import SCHEMAS
 
 from .evaluation import Holdout, holdout
 from .tasks import MethodCall, Task
+
+SAVE_EVERY_S = 30.0  # how often a long method call stores the units it has scored (a kill keeps them)
+
 
 @dataclass
 class UnitContext:
@@ -127,6 +131,13 @@ def run_task(z: Zoo, task: Task, zoo_name: str, methods: list[str] | None = None
         done = set(stored.loc[stored["status"] == "ok", "unit"])
         kept = [stored[stored["unit"] == u.unit] for u in todo if u.unit in done]
         rows: list[dict[str, Any]] = []
+        saved, last_save = 0, time.monotonic()
+
+        def save():  # the stored units and the new ones, rewritten as one part (atomic)
+            new = pa.Table.from_pylist(rows, schema=SCHEMAS["benchmark_results"])
+            table = pa.concat_tables([pa.Table.from_pandas(k, schema=SCHEMAS["benchmark_results"], preserve_index=False) for k in kept] + [new])
+            z.store.write_part("benchmark_results", zoo_name, key, table)
+
         for unit in todo:
             if unit.unit in done:
                 report.reused += 1
@@ -135,10 +146,11 @@ def run_task(z: Zoo, task: Task, zoo_name: str, methods: list[str] | None = None
                 progress(f"{task.name}: {call.label} on {unit.unit}")
             rows += score(task, call, unit, settings, report)
             report.computed += 1
-        if rows:
-            new = pa.Table.from_pylist(rows, schema=SCHEMAS["benchmark_results"])
-            table = pa.concat_tables([pa.Table.from_pandas(k, schema=SCHEMAS["benchmark_results"], preserve_index=False) for k in kept] + [new])
-            z.store.write_part("benchmark_results", zoo_name, key, table)
+            if time.monotonic() - last_save > SAVE_EVERY_S:  # a long run killed midway keeps its work
+                save()
+                saved, last_save = len(rows), time.monotonic()
+        if len(rows) > saved:
+            save()
     z.store.write_index()
     return report
 

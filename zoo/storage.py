@@ -517,10 +517,12 @@ class Store:
                                "to move it to quarantine/)") from None
 
     def write_index(self) -> Path:
-        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query.
+        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query;
+        first remove the temporary files of dead writers.
 
         Written under a temporary name and renamed, so concurrent writers never collide on
         DuckDB's file lock and readers never see a half-written index."""
+        self.sweep()  # what killed writers left behind
         path = self.root / INDEX_FILE
         tmp = temporary_name(path)
         try:
