@@ -18,6 +18,7 @@ import torch
 import zoo
 from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
+from zoo.errors import StorageError
 from zoo.launch import current_job_id
 from zoo.storage import Store, write_failure, write_model
 
@@ -65,6 +66,8 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
                     if trained.spec.model_id in wanted and trained.spec.model_id not in stored:
                         write_model(store, trained, zoo.code_version())
                         report.trained.append(trained.spec.model_id)
+            except StorageError:
+                raise  # a full disk or a read-only root: no other model can be stored either
             except Exception as e:
                 if len(group) > 1:
                     queue[:0] = [{**item, "models": [spec.to_json()], "store": [spec.model_id]}

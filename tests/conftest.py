@@ -33,3 +33,25 @@ def smoke_root(tmp_path_factory) -> Path:
     )
     assert report.trained == 8 and not report.failed
     return root
+
+
+# what the crash and concurrency tests run: generate, then metrics, then a benchmark task
+STAGES = {
+    "generate": ["generate", "smoke", "--executor", "debug", "--no-progress"],
+    "metrics": ["metrics", "smoke", "--executor", "debug", "--no-progress", "--only", "performance,hessian,spectral,weightspace"],
+    "bench": ["bench", "pruning", "--zoo", "smoke", "--no-progress"],
+}
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(smoke_root, tmp_path_factory) -> Path:
+    """The smoke zoo after one clean run of every stage (in-process). Read-only for tests."""
+    import shutil
+
+    from zoo.cli import main
+
+    root = tmp_path_factory.mktemp("reference") / "root"
+    shutil.copytree(smoke_root, root)
+    for stage in ("metrics", "bench"):
+        assert main([*STAGES[stage], "--root", str(root)]) == 0
+    return root

@@ -19,14 +19,9 @@ import zoo
 from zoo.storage import Store
 from zoo.verify import verify
 
-from .conftest import REPO
+from .conftest import REPO, STAGES
 from .test_generate import fingerprint
 
-STAGES = {
-    "generate": ["generate", "smoke", "--executor", "debug", "--no-progress"],
-    "metrics": ["metrics", "smoke", "--executor", "debug", "--no-progress", "--only", "performance,hessian,spectral,weightspace"],
-    "bench": ["bench", "pruning", "--zoo", "smoke", "--no-progress"],
-}
 KILLS_PER_STAGE = 7
 KILLED = {"kills": 0}
 
@@ -67,12 +62,9 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_then_rerun_converges(smoke_root, tmp_path):
+def test_kill_9_at_random_points_then_rerun_converges(smoke_reference, tmp_path):
     rng = random.Random(2026)
-    reference, root = tmp_path / "reference", tmp_path / "root"
-    shutil.copytree(smoke_root, reference)  # the clean run: smoke_root's generate, then metrics and bench
-    for stage in ("metrics", "bench"):
-        run(reference, STAGES[stage], tmp_path)
+    reference, root = smoke_reference, tmp_path / "root"
     expected = {stage: state(reference, stage) for stage in STAGES}
     assert len(expected["generate"]) == 8 * 3 and len(expected["metrics"]) > 50 and len(expected["bench"]) > 50
     for stage, args in STAGES.items():

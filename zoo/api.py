@@ -43,7 +43,8 @@ class Zoo:
 
     def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
         """Run a read-only SQL query over the zoo's views; returns a DataFrame."""
-        return zsql.run_query(self._con, query, params)
+        with self.store.reading():  # (no part file is removed or renamed during the query)
+            return zsql.run_query(self._con, query, params)
 
     def models(self, zoo: str | None = None) -> pd.DataFrame:
         where = "where zoo = ?" if zoo else ""

@@ -234,7 +234,9 @@ def cmd_sql(args) -> int:
     if args.format == "parquet" and not args.out:
         raise ZooError("--format parquet needs --out FILE")
     store = Store(args.root or default_root())
-    frame = zsql.run_query(zsql.connect(store), args.query)
+    con = zsql.connect(store)
+    with store.reading():
+        frame = zsql.run_query(con, args.query)
     if args.format == "parquet":
         try:
             frame.to_parquet(args.out, index=False)
@@ -289,6 +291,7 @@ def cmd_phases(args) -> int:
         raise ZooError("zoo phases takes --epoch final or an epoch number")
     rules = PhaseRules.from_catalog(zoo_config.metrics)
     handle = Zoo(args.root)
+    Store(handle.root, create=True)  # a writable root, before the work
     cells = label_cells(handle, zoo_config.name, epoch, rules)
     store_cells(handle.store, cells)
     grid = phase_grid(cells)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ZooError
+from .errors import StorageError
 
 MANIFEST = ".checksums"
 QUARANTINE = "quarantine"
@@ -48,7 +48,7 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def write_error(path: Path, e: Exception) -> ZooError:
+def write_error(path: Path, e: Exception) -> StorageError:
     """The one-line error for a write that failed (full disk, read-only root, ...)."""
     code = getattr(e, "errno", None)
     text = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -58,7 +58,7 @@ def write_error(path: Path, e: Exception) -> ZooError:
         hint = " (the zoo root is read-only: use a writable --root)"
     else:
         hint = ""
-    return ZooError(f"cannot write {path}: {text}{hint}")
+    return StorageError(f"cannot write {path}: {text}{hint}")
 
 
 def digest(path: Path) -> tuple[str, int]:
@@ -142,7 +142,7 @@ def compact_manifest(folder: Path) -> None:
     """Drop the records of files that no longer exist (packed parts), atomically."""
     if not (folder / MANIFEST).exists():
         return
-    with _manifest(folder, exclusive=True):
+    with contextlib.suppress(OSError), _manifest(folder, exclusive=True):  # (optional: skipped on a full disk)
         present = set(os.listdir(folder))
         lines = sorted({f"{sha}\t{size}\t{name}" for name, pairs in recorded(folder).items() if name in present
                         for sha, size in pairs})
@@ -154,7 +154,8 @@ def compact_manifest(folder: Path) -> None:
                 os.fsync(f.fileno())
             os.replace(tmp, folder / MANIFEST)
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def sweep_temporary(folder: Path) -> int:

@@ -13,6 +13,7 @@ when its pack is in place, and it is rewritten whenever the pack is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -54,7 +55,8 @@ def write_matrices(path: Path, checkpoints: pa.Table) -> None:
     except Exception as e:  # (safetensors reports a full disk as its own error type)
         raise write_error(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def read_rows(path: Path, model_ids: set[str], epoch: int) -> list[tuple[list[str], np.ndarray]]:

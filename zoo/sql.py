@@ -23,7 +23,8 @@ READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with one view per table of `store`, locked to the root."""
     con = duckdb.connect(":memory:")
-    store.create_views(con)
+    with store.reading():
+        store.create_views(con)
     root = str(store.root).replace("'", "''")
     con.execute(f"SET allowed_directories = ['{root}']")
     con.execute("SET enable_external_access = false")

@@ -247,6 +247,20 @@ def _exclusive_lock(path: Path, wait: bool = False):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _shared_lock(path: Path, exclusive: bool = False):
+    """Holds a shared (or exclusive) lock on `path` until the block ends, waiting for it. On a
+    root that cannot be written (a read-only mount) nothing can change under a reader: no lock."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
 def default_root() -> Path:
     return Path(os.environ.get("ZOO_ROOT", "zoo-data"))
 
@@ -263,6 +277,9 @@ class Store:
 
     def _create(self) -> None:
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / ".read.lock", "a"):  # a writable root, found before any work is done
+                pass
             for table, schema in SCHEMAS.items():
                 folder = self.root / "tables" / table
                 folder.mkdir(parents=True, exist_ok=True)
@@ -301,15 +318,20 @@ class Store:
         return path
 
     def remove_part(self, table: str, zoo: str, key: str) -> None:
-        self.part_path(table, zoo, key).unlink(missing_ok=True)
+        path = self.part_path(table, zoo, key)
+        if path.exists():
+            with self.removing():
+                path.unlink(missing_ok=True)
 
     def remove_parts_like(self, table: str, zoo: str, prefix: str, keep: str) -> None:
         """Remove the parts whose key starts with `prefix`, except `keep` (a result recomputed
         with other settings replaces the old one once the new part is in place)."""
         folder = self.table_dir(table) / safe_name("zoo name", zoo)
-        for path in folder.glob(f"{safe_name('key', prefix)}*.parquet") if folder.is_dir() else ():
-            if path.name != f"{keep}.parquet":
-                path.unlink(missing_ok=True)
+        old = [p for p in (folder.glob(f"{safe_name('key', prefix)}*.parquet") if folder.is_dir() else ()) if p.name != f"{keep}.parquet"]
+        if old:
+            with self.removing():
+                for path in old:
+                    path.unlink(missing_ok=True)
 
     @staticmethod
     def _write_atomic(path: Path, data: pa.Table, **options) -> None:
@@ -326,7 +348,8 @@ class Store:
         except OSError as e:
             raise write_error(path, e) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only root refuses even this)
+                tmp.unlink(missing_ok=True)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -336,6 +359,11 @@ class Store:
         folder = self.zoo_dir(table, zoo)
         if not folder.is_dir():
             return set()
+        with self.reading():
+            return self._stored_ids(folder)
+
+    @staticmethod
+    def _stored_ids(folder: Path) -> set[str]:
         ids = set()
         for path in folder.iterdir():
             if path.name.startswith(PACK_PREFIX) and path.name.endswith((".parquet", PENDING)):
@@ -348,6 +376,10 @@ class Store:
                         filter: pc.Expression | None = None) -> pa.Table:
         """The rows of `table` for the models `model_ids` of `zoo`, from their per-model parts
         and from packs (only the needed row groups of a pack are read)."""
+        with self.reading():
+            return self._read_model_rows(table, zoo, model_ids, columns, filter)
+
+    def _read_model_rows(self, table, zoo, model_ids, columns, filter) -> pa.Table:
         folder = self.zoo_dir(table, zoo)
         for model_id in model_ids:
             safe_name("model id", model_id)
@@ -379,6 +411,10 @@ class Store:
         """The flat weights of `model_ids` at `epoch` as one (N, n_values) float32 matrix in the
         given order, and the ids that have no such checkpoint (their rows are zero). Packed
         models come from the packs' weight matrices (`zoo.matrices`), the rest from Parquet."""
+        with self.reading():
+            return self._read_weights(zoo, model_ids, epoch)
+
+    def _read_weights(self, zoo: str, model_ids: list[str], epoch: int) -> tuple[np.ndarray | None, list[str]]:
         folder = self.zoo_dir("checkpoints", zoo)
         wanted = set(model_ids)
         blocks: list[tuple[list[str], np.ndarray]] = []
@@ -391,7 +427,7 @@ class Store:
                         wanted.difference_update(ids)
         if wanted:
             rest = [m for m in model_ids if m in wanted]
-            table = self.read_model_rows("checkpoints", zoo, rest, ["model_id", "weights"], pc.field("epoch") == epoch)
+            table = self._read_model_rows("checkpoints", zoo, rest, ["model_id", "weights"], pc.field("epoch") == epoch)
             if len(table):
                 weights = table.column("weights").combine_chunks()
                 ids = table.column("model_id").to_pylist()
@@ -414,6 +450,16 @@ class Store:
 
     # --- packing -------------------------------------------------------------------------
 
+    def reading(self):
+        """Held by every read (SQL queries, stored ids, rows, weights): files are removed or
+        renamed only between reads, so a reader never finds a listed file gone, a model in two
+        files at once, or in none (the lock is `.read.lock`; a query holds it for its duration)."""
+        return _shared_lock(self.root / ".read.lock")
+
+    def removing(self):
+        """Held, exclusively and briefly, while part files are removed or packs renamed."""
+        return _shared_lock(self.root / ".read.lock", exclusive=True)
+
     def packing(self, wait: bool = False):
         """The packer's lock: whoever holds it may rewrite and remove packs."""
         return _exclusive_lock(self.root / ".pack.lock", wait)
@@ -434,14 +480,15 @@ class Store:
             self.finish_packs(zoo)
             self.sweep(zoo)
             matrices = self.zoo_dir("checkpoints", zoo)
-            for path in matrices.glob(f"{PACK_PREFIX}*{MATRIX_SUFFIX}") if matrices.is_dir() else []:
-                if not path.with_suffix(".parquet").exists():  # a packer died before writing its pack
-                    path.unlink(missing_ok=True)
             packed = {t: self._packed_ids(t, zoo) for t in PACKED_TABLES}
             ids = sorted(p.name[: -len(".parquet")] for p in folder.glob("*.parquet") if not p.name.startswith(PACK_PREFIX))
-            for table in PACKED_TABLES:  # strays: rows already in a pack
-                for model_id in packed[table].intersection(ids):
-                    self.part_path(table, zoo, model_id).unlink(missing_ok=True)
+            with self.removing():
+                for path in matrices.glob(f"{PACK_PREFIX}*{MATRIX_SUFFIX}") if matrices.is_dir() else []:
+                    if not path.with_suffix(".parquet").exists():  # a packer died before writing its pack
+                        path.unlink(missing_ok=True)
+                for table in PACKED_TABLES:  # strays: rows already in a pack
+                    for model_id in packed[table].intersection(ids):
+                        self.part_path(table, zoo, model_id).unlink(missing_ok=True)
             ids = [m for m in ids if m not in packed["models"]]
             chunks, chunk, size = [], [], 0
             for model_id in ids:
@@ -499,9 +546,11 @@ class Store:
         for table in PACKED_TABLES:
             folder = self.zoo_dir(table, zoo)
             for pending in sorted(folder.glob(f"{PACK_PREFIX}*{PENDING}")) if folder.is_dir() else []:
-                for model_id in set(_model_ids(pending)):
-                    self.part_path(table, zoo, model_id).unlink(missing_ok=True)
-                rename(pending, pending.with_name(pending.name[: -len(PENDING)]))
+                members = set(_model_ids(pending))
+                with self.removing():  # readers see the models in their parts or in the pack, never in neither
+                    for model_id in members:
+                        self.part_path(table, zoo, model_id).unlink(missing_ok=True)
+                    rename(pending, pending.with_name(pending.name[: -len(PENDING)]))
 
     def view_sql(self, table: str) -> str:
         path = self.glob(table).replace("'", "''")
@@ -535,8 +584,9 @@ class Store:
         except (OSError, duckdb.Error) as e:
             raise write_error(path, e) from None
         finally:
-            tmp.unlink(missing_ok=True)
-            tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+                tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
         return path
 
 

@@ -26,8 +26,11 @@ def verify(store: Store, zoo: str | None = None, repair: bool = True) -> Verific
     report = Verification()
     root = store.root
     touched: set[str] = set()  # zoos that lost rows of a packed table
-    with store.packing(wait=True):
-        report.swept = store.sweep(zoo)
+    if repair:
+        Store(root, create=True)  # a read-only root: one clear error before any work
+    # repairing holds the packer's lock (no pack moves under it); a report only holds off removals
+    with store.packing(wait=True) if repair else store.reading():
+        report.swept = store.sweep(zoo) if repair else 0
         for table_dir in sorted(p for p in (root / "tables").iterdir() if p.is_dir()):
             folders = [table_dir] + ([table_dir / zoo] if zoo else sorted(p for p in table_dir.iterdir() if p.is_dir()))
             for folder in (f for f in folders if f.is_dir()):
@@ -44,7 +47,8 @@ def verify(store: Store, zoo: str | None = None, repair: bool = True) -> Verific
                         continue
                     report.damaged.append(Damage(path.relative_to(root), problem))
                     if repair:
-                        report.quarantined.append(quarantine(root, path, problem))
+                        with store.removing():
+                            report.quarantined.append(quarantine(root, path, problem))
                         if table_dir.name in PACKED_TABLES and folder != table_dir and not path.name.endswith(MATRIX_SUFFIX):
                             touched.add(folder.name)
         if repair and report.damaged:
@@ -54,7 +58,7 @@ def verify(store: Store, zoo: str | None = None, repair: bool = True) -> Verific
                 if lost:
                     _unstore(store, name, lost)
                     report.unstored[name] = sorted(lost)
-    if repair or report.intact:
+    if repair:
         store.write_index()
     return report
 
@@ -80,14 +84,16 @@ def _unstore(store: Store, zoo: str, model_ids: set[str]) -> None:
     for model_id in sorted(model_ids):
         part = store.part_path("models", zoo, model_id)
         if part.exists():
-            quarantine(store.root, part, reason)
+            with store.removing():
+                quarantine(store.root, part, reason)
     for pack in sorted(folder.glob(f"{PACK_PREFIX}*.parquet")):
         data = pq.read_table(pack)
         keep = pc.invert(pc.is_in(data.column("model_id"), value_set=_array(model_ids)))
         if pc.all(keep).as_py():
             continue
         rest = data.filter(keep)
-        quarantine(store.root, pack, reason)
+        with store.removing():
+            quarantine(store.root, pack, reason)
         if len(rest):
             members = "\n".join(sorted(set(rest.column("model_id").to_pylist())))
             key = PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
