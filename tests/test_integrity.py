@@ -112,7 +112,7 @@ def test_damaged_files_are_quarantined_the_rest_queryable_and_generate_restores_
     damage(ckpt, "truncate", rng)
     damage(matrix, "flip", rng)
     damage(folder / "cells" / "_empty.parquet", "append", rng)
-    with pytest.raises(ZooError, match="damaged file: run `zoo verify"):  # named, not a traceback
+    with pytest.raises(ZooError, match="damaged file, or a link out of the root: run `zoo verify"):  # named
         zoo.open(copy)
     assert main(["verify", "--root", str(copy)]) == 1
     out = capsys.readouterr().out
@@ -131,6 +131,21 @@ def test_damaged_files_are_quarantined_the_rest_queryable_and_generate_restores_
     assert fingerprint(copy) == fingerprint(smoke_root)  # the same bits, no duplicate rows
     assert len(zoo.open(copy).sql("select * from curves")) == 8 * 4
     assert main(["verify", "smoke", "--root", str(copy)]) == 0 and capsys.readouterr().out.strip().endswith("intact")
+
+
+def test_a_link_out_of_the_root_is_refused_and_quarantined(copy, tmp_path, capsys):
+    """A zoo from elsewhere (a tarball can hold links) never reads outside its root."""
+    secret = tmp_path / "outside" / "secret.parquet"
+    secret.parent.mkdir()
+    pq.write_table(pa.table({"model_id": ["SECRET"], "zoo": ["smoke"]}), secret)
+    link = copy / "tables" / "models" / "smoke" / "evil.parquet"
+    link.symlink_to(secret)
+    assert main(["sql", "select model_id from models", "--root", str(copy)]) == 2
+    assert "evil.parquet" in capsys.readouterr().err
+    assert main(["verify", "--root", str(copy)]) == 1
+    assert "damaged  tables/models/smoke/evil.parquet: not a regular file (a link to" in capsys.readouterr().out
+    assert not link.is_symlink() and secret.exists()  # the link moved to quarantine/, its target untouched
+    assert "SECRET" not in zoo.open(copy).sql("select model_id from models")["model_id"].tolist()
 
 
 def test_temporary_files_of_dead_writers_are_swept(tmp_path):

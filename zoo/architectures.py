@@ -72,7 +72,7 @@ def build_model(arch_spec: dict, input_shape: tuple[int, ...], n_classes: int, s
 
 def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """PyTorch's default initialisation (kaiming-uniform a=sqrt(5) weights, uniform(+-1/sqrt(fan_in))
-    biases, BatchNorm 1/0), drawn from `generator` in module order."""
+    biases, BatchNorm and LayerNorm 1/0), drawn from `generator` in module order."""
     import torch
     from torch import nn
 
@@ -84,10 +84,11 @@ def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
                     fan_in = module.weight[0].numel()
                     bound = 1 / math.sqrt(fan_in)
                     module.bias.uniform_(-bound, bound, generator=generator)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
                 module.reset_parameters()
+            if hasattr(module, "reset_extra_parameters"):  # parameters outside layers (a ViT's tokens)
+                module.reset_extra_parameters(generator)
     return model
-
 
 
 class MLPOptions(ArchOptions):
@@ -140,3 +141,67 @@ def build_cnn(o: CNNOptions, input_shape: tuple[int, ...], n_classes: int) -> nn
         channels = out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes)]
     return nn.Sequential(*layers)
+
+
+# --- ResNet-18 / ResNet-50, width-parameterised (the phase-zoo papers' definition) -----------
+
+
+class ResNetOptions(ArchOptions):
+    width: int = Field(64, ge=1, description="channels of the first stage; stages have w, 2w, 4w, 8w (64: the standard ResNet)")
+    depth: Literal[18, 50] = 18
+
+
+@register_architecture("resnet", ResNetOptions)
+def build_resnet(o: ResNetOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """ResNet-18 (basic blocks 2-2-2-2) or ResNet-50 (bottlenecks 3-4-6-3, expansion 4) for small
+    images: a 3x3 stride-1 stem, no max-pool, stages of w, 2w, 4w, 8w channels (stride 2 from the
+    second on, with a 1x1 projection shortcut where the shape changes), convolutions without
+    bias, BatchNorm, global average pool, a linear head. At w=64 with 10 classes ResNet-18 has
+    11,173,962 parameters, as the standard CIFAR ResNet-18."""
+    from torch import nn
+
+    from ._resnet import BasicBlock, Bottleneck
+
+    if len(input_shape) != 3:
+        raise ZooError(f"architecture resnet needs image inputs (C, H, W), got input shape {input_shape}")
+    bottleneck = o.depth == 50
+    blocks = [3, 4, 6, 3] if bottleneck else [2, 2, 2, 2]
+    expansion = 4 if bottleneck else 1
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], o.width, 3, 1, 1, bias=False), nn.BatchNorm2d(o.width), nn.ReLU()]
+    channels = o.width
+    for stage, n in enumerate(blocks):
+        planes = o.width * 2**stage
+        for k in range(n):
+            stride = 2 if stage > 0 and k == 0 else 1
+            layers.append((Bottleneck if bottleneck else BasicBlock)(channels, planes, stride))
+            channels = planes * expansion
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes)]
+    return nn.Sequential(*layers)
+
+
+# --- a small ViT whose embedding dimension is the load axis ----------------------------------
+
+
+class ViTOptions(ArchOptions):
+    width: int = Field(192, ge=1, description="embedding dimension (the load axis)")
+    depth: int = Field(6, ge=1, description="transformer blocks")
+    heads: int = Field(4, ge=1)
+    patch_size: int = Field(4, ge=1)
+    mlp_ratio: int = Field(2, ge=1)
+
+
+@register_architecture("vit", ViTOptions)
+def build_vit(o: ViTOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Patch embedding (a strided convolution), a class token and learned position embeddings,
+    pre-norm transformer blocks (multi-head self-attention, GELU MLP), a final LayerNorm, and a
+    linear head on the class token."""
+    from ._vit import ViT
+
+    if len(input_shape) != 3:
+        raise ZooError(f"architecture vit needs image inputs (C, H, W), got input shape {input_shape}")
+    if o.width % o.heads:
+        raise ZooError(f"architecture vit: width {o.width} is not divisible by heads {o.heads}")
+    if input_shape[1] % o.patch_size or input_shape[2] % o.patch_size:
+        raise ZooError(f"architecture vit: patch size {o.patch_size} does not tile a {input_shape[1]}x{input_shape[2]} image")
+    n_patches = (input_shape[1] // o.patch_size) * (input_shape[2] // o.patch_size)
+    return ViT(input_shape[0], n_patches, n_classes, o.width, o.depth, o.heads, o.patch_size, o.mlp_ratio)

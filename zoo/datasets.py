@@ -9,6 +9,10 @@ data), and loads as float32 / int64 tensors. Nothing downloads: each source exis
 | digits          | sklearn's bundled 8x8 digits (1797)      | one permutation with `split_seed` (default 0): first 20% test (360), the rest train (1437) |
 | fashion-mnist   | IDX files of Debian's dataset-fashion-mnist | the published 60k train / 10k test   |
 | teacher-student | generated: Gaussian inputs, a random centred 2-layer ReLU teacher, label = argmax | `test_size` fresh samples after the training ones, all from `data_seed` |
+| cifar10         | CIFAR-10's binary version in a local folder (`path`, env ZOO_CIFAR10) | the published 50k train / 10k test |
+| cifar100        | CIFAR-100's binary version (env ZOO_CIFAR100); `labels` fine (100) or coarse (20) | the published 50k / 10k |
+| svhn            | SVHN's `train_32x32.mat` / `test_32x32.mat` (env ZOO_SVHN), read by scipy | the published 73,257 / 26,032 |
+| tiny-imagenet   | TinyImageNet's JPEG folders (env ZOO_TINY_IMAGENET), read by Pillow | the 100k train / the labelled 10k validation set as test |
 
 `train_size` (every data set) keeps the first n training samples of the fixed order, so a smaller
 training set is always a subset of a larger one.
@@ -227,3 +231,160 @@ def load_teacher_student(o: TeacherStudentOptions) -> Data:
     xt = torch.tensor(x, dtype=torch.float32)
     yt = torch.tensor(y, dtype=torch.int64)
     return Data("teacher-student", xt[:n_train], yt[:n_train], xt[n_train:], yt[n_train:], o.n_classes)
+
+
+# --- CIFAR-10/100, SVHN, TinyImageNet from a local folder, in their standard formats ---------
+# (None downloads; none is read with pickle: CIFAR's binary version, SVHN's MATLAB files through
+# scipy, TinyImageNet's JPEG folders through Pillow. Inputs are normalised per channel with the
+# published training-set statistics.)
+
+IMAGE_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "tiny-imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+
+
+class FolderOptions(Options):
+    path: str | None = Field(None, description="the data set's folder (default: env ZOO_<NAME>, then ./data/<folder>)")
+
+
+class Cifar100Options(FolderOptions):
+    labels: str = Field("fine", pattern="^(fine|coarse)$", description="fine (100 classes) or coarse (20 superclasses)")
+
+
+def _folder(o: FolderOptions, name: str, env: str, default: str, expected: str) -> Path:
+    folder = Path(o.path or os.environ.get(env) or Path("data") / default)
+    if not folder.is_dir():
+        raise ZooError(f"{name}: no folder {folder}; expected {expected} there "
+                       f"(set the dataset option `path`, or env {env})")
+    return folder
+
+
+def _need(folder: Path, name: str, files: list[str], expected: str) -> list[Path]:
+    for file in files:
+        if not (folder / file).is_file():
+            raise ZooError(f"{name}: {folder / file} not found; expected {expected}")
+    return [folder / f for f in files]
+
+
+def _images(raw: np.ndarray, name: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32, normalised with the data set's published statistics."""
+    import torch
+
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in IMAGE_STATS[name])
+    return (torch.from_numpy(np.ascontiguousarray(raw)).to(torch.float32) / 255.0 - mean) / std
+
+
+def read_cifar_binary(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records of `label_bytes` label bytes then 3,072 image bytes (R, G, B planes of 32x32):
+    CIFAR's binary version. Returns images (N, 3, 32, 32) uint8 and labels (N, label_bytes)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    record = label_bytes + 3072
+    if raw.size == 0 or raw.size % record:
+        raise ZooError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR records")
+    rows = raw.reshape(-1, record)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), rows[:, :label_bytes]
+
+
+CIFAR10_EXPECTED = "CIFAR-10's binary version (cifar-10-batches-bin: data_batch_1.bin ... data_batch_5.bin, test_batch.bin)"
+
+
+@register_dataset("cifar10", FolderOptions, lambda o: ((3, 32, 32), 10), is_image=True)
+def load_cifar10(o: FolderOptions) -> Data:
+    import torch
+
+    folder = _folder(o, "cifar10", "ZOO_CIFAR10", "cifar-10-batches-bin", CIFAR10_EXPECTED)
+    files = _need(folder, "cifar10", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], CIFAR10_EXPECTED)
+    parts = [read_cifar_binary(f, 1) for f in files]
+    x_train = np.concatenate([p[0] for p in parts[:5]])
+    y_train = np.concatenate([p[1][:, 0] for p in parts[:5]])
+    x, y = _subset(_images(x_train, "cifar10"), torch.from_numpy(y_train.astype(np.int64)), o.train_size, "cifar10")
+    return Data("cifar10", x, y, _images(parts[5][0], "cifar10"), torch.from_numpy(parts[5][1][:, 0].astype(np.int64)), 10)
+
+
+CIFAR100_EXPECTED = "CIFAR-100's binary version (cifar-100-binary: train.bin, test.bin)"
+
+
+@register_dataset("cifar100", Cifar100Options, lambda o: ((3, 32, 32), 100 if o.labels == "fine" else 20), is_image=True)
+def load_cifar100(o: Cifar100Options) -> Data:
+    import torch
+
+    folder = _folder(o, "cifar100", "ZOO_CIFAR100", "cifar-100-binary", CIFAR100_EXPECTED)
+    (xs, ys), (xt, yt) = (read_cifar_binary(f, 2) for f in _need(folder, "cifar100", ["train.bin", "test.bin"], CIFAR100_EXPECTED))
+    column = 1 if o.labels == "fine" else 0  # each record: coarse label, fine label, image
+    x, y = _subset(_images(xs, "cifar100"), torch.from_numpy(ys[:, column].astype(np.int64)), o.train_size, "cifar100")
+    return Data("cifar100", x, y, _images(xt, "cifar100"), torch.from_numpy(yt[:, column].astype(np.int64)),
+                100 if o.labels == "fine" else 20)
+
+
+SVHN_EXPECTED = "SVHN's cropped digits (train_32x32.mat, test_32x32.mat)"
+
+
+def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """SVHN's MATLAB file: X (32, 32, 3, N) uint8, y (N, 1) with 10 for the digit 0. Returns
+    images (N, 3, 32, 32) and labels 0-9."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path, variable_names=["X", "y"])
+    except Exception as e:  # scipy raises several types for a malformed file
+        raise ZooError(f"{path}: not a readable SVHN .mat file ({type(e).__name__}: {e})") from None
+    if "X" not in mat or "y" not in mat or mat["X"].ndim != 4 or mat["X"].shape[3] != mat["y"].size:
+        raise ZooError(f"{path}: expected X (32, 32, 3, N) and y (N, 1)")
+    return mat["X"].transpose(3, 2, 0, 1), mat["y"].reshape(-1).astype(np.int64) % 10
+
+
+@register_dataset("svhn", FolderOptions, lambda o: ((3, 32, 32), 10), is_image=True)
+def load_svhn(o: FolderOptions) -> Data:
+    import torch
+
+    folder = _folder(o, "svhn", "ZOO_SVHN", "svhn", SVHN_EXPECTED)
+    (xs, ys), (xt, yt) = (read_svhn_mat(f) for f in _need(folder, "svhn", ["train_32x32.mat", "test_32x32.mat"], SVHN_EXPECTED))
+    x, y = _subset(_images(xs, "svhn"), torch.from_numpy(ys), o.train_size, "svhn")
+    return Data("svhn", x, y, _images(xt, "svhn"), torch.from_numpy(yt), 10)
+
+
+TINY_EXPECTED = ("TinyImageNet's folders (tiny-imagenet-200: wnids.txt, train/<wnid>/images/*.JPEG, "
+                 "val/images/*.JPEG with val/val_annotations.txt)")
+
+
+def read_tiny_imagenet(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_val, y_val): images (N, 3, 64, 64) uint8; classes in wnids.txt order,
+    training images in sorted file order; the labelled validation split serves as the test set."""
+    from PIL import Image
+
+    wnids_file, annotations = _need(folder, "tiny-imagenet", ["wnids.txt", "val/val_annotations.txt"], TINY_EXPECTED)
+    wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
+    classes = {w: i for i, w in enumerate(wnids)}
+
+    def read(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        except OSError as e:
+            raise ZooError(f"tiny-imagenet: cannot read image {path}: {e}") from None
+
+    train = [(p, classes[w]) for w in wnids for p in sorted((folder / "train" / w / "images").glob("*.JPEG"))]
+    val = []
+    for line in annotations.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2:
+            if fields[1] not in classes:
+                raise ZooError(f"tiny-imagenet: {annotations} names class {fields[1]!r}, not in wnids.txt")
+            val.append((folder / "val" / "images" / fields[0], classes[fields[1]]))
+    if not train or not val:
+        raise ZooError(f"tiny-imagenet: no {'training' if not train else 'validation'} images under {folder}; expected {TINY_EXPECTED}")
+    stack = lambda items: (np.stack([read(p) for p, _ in items]), np.array([c for _, c in items], dtype=np.int64))  # noqa: E731
+    return (*stack(train), *stack(val))
+
+
+@register_dataset("tiny-imagenet", FolderOptions, lambda o: ((3, 64, 64), 200), is_image=True)
+def load_tiny_imagenet(o: FolderOptions) -> Data:
+    import torch
+
+    folder = _folder(o, "tiny-imagenet", "ZOO_TINY_IMAGENET", "tiny-imagenet-200", TINY_EXPECTED)
+    xs, ys, xt, yt = read_tiny_imagenet(folder)
+    x, y = _subset(_images(xs, "tiny-imagenet"), torch.from_numpy(ys), o.train_size, "tiny-imagenet")
+    return Data("tiny-imagenet", x, y, _images(xt, "tiny-imagenet"), torch.from_numpy(yt), 200)

@@ -61,8 +61,8 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, params: list | dict | 
         return con.execute(query, params or []).df()
     except duckdb.Error as e:
         message = _first_line(e)
-        if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException)) and ".parquet" in message:
-            message += " (a damaged file: `zoo verify` finds it and moves it to quarantine/)"
+        if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException, duckdb.PermissionException)) and ".parquet" in message:
+            message += " (a damaged file, or a link out of the root: `zoo verify` finds it and moves it to quarantine/)"
         raise ZooError(f"SQL error: {message}") from None
 
 

@@ -562,8 +562,8 @@ class Store:
                 con.execute(self.view_sql(table))
             except duckdb.Error as e:  # (a view reads every file's schema: a damaged file stops it)
                 first = str(e).strip().splitlines()[0]
-                raise ZooError(f"table {table}: {first} (a damaged file: run `zoo verify --root {self.root}` "
-                               "to move it to quarantine/)") from None
+                raise ZooError(f"table {table}: {first} (a damaged file, or a link out of the root: run "
+                               f"`zoo verify --root {self.root}` to move it to quarantine/)") from None
 
     def write_index(self) -> Path:
         """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query;

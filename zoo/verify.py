@@ -36,10 +36,13 @@ def verify(store: Store, zoo: str | None = None, repair: bool = True) -> Verific
             for folder in (f for f in folders if f.is_dir()):
                 records = recorded(folder)
                 for path in sorted(folder.iterdir()):
-                    if path.name.startswith(".") or not path.name.endswith(DATA_SUFFIXES) or not path.is_file():
+                    if path.name.startswith(".") or not path.name.endswith(DATA_SUFFIXES):
                         continue
                     on_record = records.get(path.name)
-                    problem, rows = check_file(path, on_record, table_dir.name)
+                    if path.is_symlink() or not path.is_file():  # a zoo from elsewhere may point out of its root
+                        problem, rows = f"not a regular file ({'a link to ' + os.readlink(path) if path.is_symlink() else 'a folder or device'})", 0
+                    else:
+                        problem, rows = check_file(path, on_record, table_dir.name)
                     report.checked += 1
                     report.recorded += bool(on_record)
                     report.weight_rows += rows
