@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from zoo.device import run_device
 from zoo.catalog import ModelSpec
 from zoo.datasets import Data
 from zoo.storage import TrainedModel
@@ -64,8 +64,11 @@ def shape_key(spec: ModelSpec) -> str | None:
     and weight decay may differ per model; everything that shapes the computation
     (architecture, data, batch size, step count, schedule kind, augmentation, checkpoints) is
     shared."""
-    if spec.training.optimizer != "sgd" or spec.architecture["name"] not in ("mlp", "cnn"):
+    t = spec.training
+    if t.optimizer != "sgd" or spec.architecture["name"] not in ("mlp", "cnn"):
         return None
+    if t.augmentation == "flip-crop-rotate" or t.micro_batch_size or t.precision != "float32" or t.channels_last:
+        return None  # (the reference path has these; a stack does not)
     shared = spec.training.model_dump(exclude={"lr", "momentum", "weight_decay"})
     return json.dumps([spec.zoo, spec.dataset, spec.architecture, shared, spec.checkpoints], sort_keys=True)
 
@@ -202,13 +205,6 @@ class _Stack:
             else:  # num_batches_tracked
                 buffer.fill_(self.steps)
         return model
-
-
-def run_device() -> torch.device:
-    """The device stacks train on, chosen at run time: $ZOO_DEVICE if set, else CUDA when there
-    is one, else the CPU."""
-    name = os.environ.get("ZOO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str | None = None) -> list[TrainedModel]:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from zoo.architectures import build_model
 from zoo.catalog import ModelSpec, Training
 from zoo.datasets import Data
+from zoo.device import run_device, set_determinism
 from zoo.evaluation import evaluate
 from zoo.storage import TrainedModel
 from zoo.weights import flatten, tensor_index
@@ -93,13 +94,46 @@ def augment(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.
     return padded[batch, channels, rows, cols]
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One SGD step on one batch; reads and writes nothing but the model and its optimizer."""
-    loss = F.cross_entropy(model(x), y)
+def rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image of a batch (B, C, H, W) by its own angle, uniform in +-degrees, about
+    its centre (bilinear, zeros outside), vectorised over the batch."""
+    return rotate_by(x, (torch.rand(len(x), generator=generator) * 2 - 1) * (degrees * torch.pi / 180))
+
+
+def rotate_by(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate image i of a batch by angles[i] radians, counter-clockwise."""
+    cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               micro_batch_size: int | None = None, precision: str = "float32") -> float:
+    """One SGD step on one batch; reads and writes nothing but the model and its optimizer.
+
+    With `micro_batch_size`, the batch runs in chunks whose summed losses (each divided by the
+    whole batch's size) accumulate the batch's gradient before the one step: the same step
+    (BatchNorm aside, which normalises each chunk by its own statistics) in less memory. With
+    precision "bf16", the forward pass runs under bfloat16 autocast; the loss is float32."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if micro_batch_size is None or micro_batch_size >= len(x):
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    total = torch.zeros((), device=x.device)
+    for start in range(0, len(x), micro_batch_size):
+        with autocast:
+            logits = model(x[start:start + micro_batch_size])
+        loss = F.cross_entropy(logits.float(), y[start:start + micro_batch_size], reduction="sum") / len(x)
+        loss.backward()
+        total += loss.detach()
     optimizer.step()
-    return loss.item()
+    return total.item()
 
 
 def train(spec: ModelSpec, data: Data) -> TrainedModel:
@@ -107,7 +141,10 @@ def train(spec: ModelSpec, data: Data) -> TrainedModel:
     initialisation) and keeping the flat weights at the declared checkpoint epochs."""
     t = spec.training
     start = time.perf_counter()
-    model = initial_model(spec)
+    device = run_device()
+    if device.type == "cuda":
+        set_determinism(t.deterministic)
+    model = initial_model(spec).to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
     order = torch.Generator().manual_seed(derive_seed(spec.seed, "data"))
     augmentation = torch.Generator().manual_seed(derive_seed(spec.seed, "augment"))
     optimizer = make_optimizer(model.parameters(), t)
@@ -128,9 +165,14 @@ def train(spec: ModelSpec, data: Data) -> TrainedModel:
         model.train()
         for idx in next(batches):
             x = data.x_train[idx]
-            if t.augmentation == "flip-crop":
+            if t.augmentation != "none":  # drawn on the CPU from the model's own stream, on any device
                 x = augment(x, t.crop_padding, augmentation)
-            train_step(model, optimizer, x, data.y_train[idx])
+                if t.augmentation == "flip-crop-rotate":
+                    x = rotate(x, t.rotation_degrees, augmentation)
+            x = x.to(device, non_blocking=True)
+            if t.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            train_step(model, optimizer, x, data.y_train[idx].to(device, non_blocking=True), t.micro_batch_size, t.precision)
             schedule.step()
         record(epoch)
     return TrainedModel(spec, curves, checkpoints, tensor_index(model), time.perf_counter() - start)

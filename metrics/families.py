@@ -9,6 +9,8 @@ them a zoo's models and data with recorded settings.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -198,9 +200,13 @@ def hessian(contexts: list[ModelContext], s: HessianSettings) -> list[Result]:
     from .hessian import (hessian_density, hessian_top_eigenvalues, hessian_trace, hutchpp_trace,
                           krylov_top_eigenvalues_and_trace, lanczos_top_eigenvalues)
 
+    from zoo.device import run_device
+
+    device = run_device()  # the Hessian-vector products run there (the Krylov algebra stays on the CPU)
     results = []
     for ctx in contexts:
         values, densities = {}, []
+        model = ctx.model if device.type == "cpu" or s.method == "pyhessian" else copy.deepcopy(ctx.model).to(device)
         for split, x, y, n in (
             ("train", ctx.data.x_train, ctx.data.y_train, s.train_samples),
             ("test", ctx.data.x_test, ctx.data.y_test, s.test_samples),
@@ -209,22 +215,22 @@ def hessian(contexts: list[ModelContext], s: HessianSettings) -> list[Result]:
             whole = batches(x, y, n, n)  # the same loss in one pass: our products need no mini-batches
             if s.method == "krylov":  # one result carries both: .eigenvalues, .trace, .n_probes
                 top = trace = krylov_top_eigenvalues_and_trace(
-                    ctx.model, whole, top_n=s.top_n, block=s.krylov_block, eig_tol=s.eig_tol,
+                    model, whole, top_n=s.top_n, block=s.krylov_block, eig_tol=s.eig_tol,
                     max_blocks=s.krylov_max_blocks, trace_tol=s.trace_tol, max_probes=s.trace_max_probes, seed=s.seed)
             elif s.method == "lanczos":
-                top = lanczos_top_eigenvalues(ctx.model, whole, top_n=s.top_n, n_iter=s.lanczos_iter, seed=s.seed)
-                trace = hutchpp_trace(ctx.model, whole, sketch=s.trace_sketch, tol=s.trace_tol,
+                top = lanczos_top_eigenvalues(model, whole, top_n=s.top_n, n_iter=s.lanczos_iter, seed=s.seed)
+                trace = hutchpp_trace(model, whole, sketch=s.trace_sketch, tol=s.trace_tol,
                                       max_probes=s.trace_max_probes, seed=s.seed)
             else:
-                top = hessian_top_eigenvalues(ctx.model, sample, top_n=s.top_n, max_iter=s.max_iter, tol=s.tol, seed=s.seed)
-                trace = hessian_trace(ctx.model, sample, max_iter=s.max_iter, tol=s.tol, seed=s.seed)
+                top = hessian_top_eigenvalues(model, sample, top_n=s.top_n, max_iter=s.max_iter, tol=s.tol, seed=s.seed)
+                trace = hessian_trace(model, sample, max_iter=s.max_iter, tol=s.tol, seed=s.seed)
             for k, value in enumerate(top.eigenvalues):
                 values[f"hessian_top_eig{'' if k == 0 else k + 1}_{split}"] = float(value)
             values[f"hessian_trace_{split}"] = float(trace.trace)
             values[f"hessian_trace_probes_{split}"] = float(trace.n_probes)
             values[f"hessian_samples_{split}"] = float(n_samples(sample))
             if s.density and split == "train":
-                d = hessian_density(ctx.model, whole, n_iter=s.density_iter, n_v=s.density_probes, seed=s.seed)
+                d = hessian_density(model, whole, n_iter=s.density_iter, n_v=s.density_probes, seed=s.seed)
                 densities = [("train", float(e), float(w)) for e, w in zip(d.eigenvalues, d.weights)]
         results.append(Result(values, densities=densities))
     return results

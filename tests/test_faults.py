@@ -23,7 +23,7 @@ echo "== full"; zoo generate smoke --root "$MNT/root" --no-progress
 echo "== temporary"; find "$MNT" -name '*.tmp*' -o -name '*.pending' | wc -l
 echo "== verify-full"; zoo verify --root "$MNT/root" --report-only
 mount -o remount,size=20m "$MNT"
-echo "== rerun"; zoo generate smoke --root "$MNT/root" --no-progress
+echo "== rerun"; zoo generate smoke --root "$MNT/root" --executor debug --no-progress
 "$PYTHON" -c "import json; from tests.test_generate import fingerprint; print('FINGERPRINT', json.dumps(sorted(map(list, fingerprint('$MNT/root').items()))))"
 mount -o remount,ro "$MNT"
 echo "== ro-metrics"; zoo metrics smoke --root "$MNT/root" --executor debug --no-progress --only performance

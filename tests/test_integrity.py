@@ -51,9 +51,10 @@ def damage(path, how: str, rng: random.Random) -> None:
     elif how == "zero-block":
         i = rng.randrange(len(data))
         n = min(len(data) - i, 512)
-        if not any(data[i:i + n]):  # (already zeros: zeroing changes nothing, so flip instead)
+        if any(data[i:i + n]):
+            data[i:i + n] = bytes(n)
+        else:  # (already zeros: zeroing would change nothing, so flip a bit instead)
             data[i] ^= 1
-        data[i:i + n] = bytes(n) if any(data[i:i + n]) else data[i:i + n]
     path.write_bytes(bytes(data))
 
 

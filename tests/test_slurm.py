@@ -33,7 +33,9 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     conf = f"{base}/slurm/slurm.conf"
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
+    os.environ["ZOO_SACCT_INTERVAL_S"] = "3"  # notice ended jobs within seconds (a test cluster minds no load)
     yield {**os.environ, "SLURM_CONF": conf, "ZOO_JOBS_DIR": str(tmp_path_factory.mktemp("slurm-jobs"))}
+    os.environ.pop("ZOO_SACCT_INTERVAL_S", None)
     if old is None:
         os.environ.pop("SLURM_CONF", None)
     else:
@@ -195,7 +197,11 @@ def test_a_job_without_a_result_in_time_is_cancelled_and_reported(slurm, tmp_pat
     outcomes = run_jobs(sleepy, ["a", "b"], options, "sleepy", kwargs={"seconds": 300})
     assert time.monotonic() - start < 60
     assert len(outcomes) == 2 and all("no result after 0.1 min; cancelled" in o.error for o in outcomes)
-    wait_for(lambda: not squeue(slurm), 60, "the cancelled jobs to leave the queue")
+    try:
+        wait_for(lambda: not squeue(slurm), 60, "the cancelled jobs to leave the queue")
+    except AssertionError as e:  # say what SLURM still shows, and why
+        nodes = subprocess.run(["sinfo", "-N", "-o", "%N %T %E"], capture_output=True, text=True, env=slurm, timeout=30).stdout
+        raise AssertionError(f"{e}: squeue {squeue(slurm)}; sinfo {nodes.strip()}") from None
 
 
 def test_a_job_warned_of_its_time_limit_requeues_and_resumes_after_its_last_stored_model(slurm, tmp_path):

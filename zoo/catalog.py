@@ -57,8 +57,14 @@ class Training(Strict):
     steps_per_epoch: int | None = Field(
         None, ge=1, description="fixed SGD steps per epoch (a data-size axis then keeps the step budget)"
     )
-    augmentation: Literal["none", "flip-crop"] = "none"
+    augmentation: Literal["none", "flip-crop", "flip-crop-rotate"] = "none"
     crop_padding: int = Field(2, ge=0)
+    rotation_degrees: float = Field(15.0, ge=0, le=180, description="flip-crop-rotate: angles uniform in +-this")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="gradient accumulation: each batch runs in chunks of this many samples, one step per batch")
+    precision: Literal["float32", "bf16"] = Field("float32", description="bf16: autocast the forward pass (GPUs)")
+    channels_last: bool = Field(False, description="image batches and convolutions in channels-last memory layout")
+    deterministic: bool = Field(True, description="on CUDA, deterministic kernels only (a rerun gives the same bits)")
     eval_batch_size: int = Field(2048, ge=1)
 
 
@@ -88,9 +94,20 @@ class ZooConfig(Strict):
     temperature: Axis
     seeds: list[int] = Field(min_length=1)
     training: Training
-    checkpoints: list[int] = Field(min_length=1, description="epochs to store; must hold 0 and the last")
+    checkpoints: list[int] = Field(min_length=1, description="epochs to store; must hold 0 and the last (or: every)")
     metrics: dict[str, Any] = Field(default_factory=dict, description="settings of the metric families")
     launch: Launch = Launch()
+    cluster: bool = Field(False, description="a cluster job (GPU-days): `zoo generate` needs --executor slurm or --allow-local")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_epoch(cls, body):
+        """`checkpoints: every` stands for every epoch, 0 to the last."""
+        if isinstance(body, dict) and body.get("checkpoints") == "every":
+            epochs = body.get("training", {}).get("epochs") if isinstance(body.get("training"), dict) else None
+            if isinstance(epochs, int) and not isinstance(epochs, bool) and 0 < epochs <= 100_000:
+                body = {**body, "checkpoints": list(range(epochs + 1))}
+        return body
 
     @model_validator(mode="after")
     def _check(self):

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--models-per-job", type=int, default=None, metavar="K", help="models trained by one job (a stack stays whole)")
     g.add_argument("--no-stack", action="store_true", help="train one model at a time on the reference path")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train at most N missing models")
+    g.add_argument("--allow-local", action="store_true", help="train a zoo marked `cluster: true` without SLURM")
     _launch_arguments(g)
 
     st = sub.add_parser("status", parents=[common], help="done, running, failed and missing models of a zoo, with job ids")
@@ -180,6 +181,10 @@ def cmd_generate(args) -> int:
     from generators.launcher import generate
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
+    if zoo_config.cluster and args.executor != "slurm" and not args.allow_local:
+        raise ZooError(f"zoo {zoo_config.name!r} is a cluster job ({zoo_config.grid_size} models of "
+                       f"{zoo_config.training.epochs} epochs, GPUs): run it with --executor slurm, "
+                       "or pass --allow-local (with --limit N to try a few)")
     options = _launch_options(args, zoo_config, items_per_job=args.models_per_job, limit=args.limit)
     store = Store(args.root or default_root(), create=True)
     report = generate(zoo_config, store, options, progress=not args.no_progress, stacked=not args.no_stack)

@@ -149,6 +149,7 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # published training-set
 
 class FashionMnistOptions(Options):
     path: str | None = Field(None, description="folder of the four IDX .gz files")
+    test_size: int | None = Field(None, ge=1, le=10000, description="keep the first n test images (default all 10,000)")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -192,7 +193,8 @@ def load_fashion_mnist(o: FashionMnistOptions) -> Data:
         return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
 
     x_train, y_train = _subset(images(xs_train), torch.tensor(ys_train, dtype=torch.int64), o.train_size, "fashion-mnist")
-    return Data("fashion-mnist", x_train, y_train, images(xs_test), torch.tensor(ys_test, dtype=torch.int64), 10)
+    n_test = o.test_size or len(xs_test)
+    return Data("fashion-mnist", x_train, y_train, images(xs_test[:n_test]), torch.tensor(ys_test[:n_test], dtype=torch.int64), 10)
 
 
 # --- teacher-student ------------------------------------------------------------------------

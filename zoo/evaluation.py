@@ -18,9 +18,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     try:
         total_loss, correct = 0.0, 0
+        device = next(model.parameters()).device  # (batches move to the model: a GPU-trained one too)
         for start in range(0, len(x), batch_size):
-            logits = model(x[start : start + batch_size])
-            target = y[start : start + batch_size]
+            logits = model(x[start : start + batch_size].to(device))
+            target = y[start : start + batch_size].to(device)
             total_loss += F.cross_entropy(logits, target, reduction="sum").item()
             correct += int((logits.argmax(1) == target).sum())
         return total_loss / len(x), correct / len(x)

@@ -219,6 +219,7 @@ class Verification:
 
 def check_file(path: Path, records: set[tuple[str, int]] | None, table: str) -> tuple[str | None, int]:
     """(the problem with one data file or None, checkpoint rows checked)."""
+    import numpy as np
     import pyarrow.parquet as pq
 
     from .weights import sha256
@@ -241,8 +242,6 @@ def check_file(path: Path, records: set[tuple[str, int]] | None, table: str) -> 
         if table == "checkpoints" and {"weights", "sha256"} <= set(data.column_names):
             weights = data.column("weights").to_pylist()
             for i, (vector, expected) in enumerate(zip(weights, data.column("sha256").to_pylist())):
-                import numpy as np
-
                 if sha256(np.asarray(vector, dtype=np.float32)) != expected:
                     return f"checkpoint row {i}: the weights do not match their sha256", rows
                 rows += 1

@@ -157,6 +157,12 @@ def _executor(options: LaunchOptions, folder: Path):
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=options.executor)
     s = options.slurm
     if options.executor == "slurm":
+        # submitit asks sacct (once for all jobs) at most every (time since the last submission)/2,
+        # up to 10 minutes, so a job that ended or was cancelled went unnoticed for minutes. We cap
+        # the interval at ZOO_SACCT_INTERVAL_S (default 30 s: one sacct call per launcher).
+        from submitit.slurm.slurm import SlurmJob
+
+        SlurmJob.watcher._delay_s = max(1.0, float(os.environ.get("ZOO_SACCT_INTERVAL_S", "30")))
         optional = {
             "slurm_partition": s.partition,
             "mem_gb": s.mem_gb,
@@ -195,7 +201,17 @@ def _give_up(job, chunk: list[str], seconds: float) -> JobOutcome:
     return JobOutcome(chunk, error=f"job {job.job_id}: no result after {seconds / 60:.1f} min; cancelled")
 
 
+# SLURM states of a job that ended without running to completion
+ENDED_WITHOUT_RESULT = ("CANCELLED", "FAILED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def _outcome(job, chunk: list[str]) -> JobOutcome:
+    from submitit.slurm.slurm import SlurmJob
+
+    if isinstance(job, SlurmJob):  # submitit would wait 15 s for a result file that cannot come
+        state = str(job.state)
+        if state.split(" ")[0] in ENDED_WITHOUT_RESULT and not job.paths.result_pickle.exists():
+            return JobOutcome(chunk, error=f"job {job.job_id} ended without a result ({state})")
     try:
         return JobOutcome(chunk, result=job.result())
     except Exception as e:

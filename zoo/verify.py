@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -91,7 +92,7 @@ def _unstore(store: Store, zoo: str, model_ids: set[str]) -> None:
                 quarantine(store.root, part, reason)
     for pack in sorted(folder.glob(f"{PACK_PREFIX}*.parquet")):
         data = pq.read_table(pack)
-        keep = pc.invert(pc.is_in(data.column("model_id"), value_set=_array(model_ids)))
+        keep = pc.invert(pc.is_in(data.column("model_id"), value_set=pa.array(sorted(model_ids), pa.string())))
         if pc.all(keep).as_py():
             continue
         rest = data.filter(keep)
@@ -101,12 +102,6 @@ def _unstore(store: Store, zoo: str, model_ids: set[str]) -> None:
             members = "\n".join(sorted(set(rest.column("model_id").to_pylist())))
             key = PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
             store._write_atomic(folder / f"{key}.parquet", rest)
-
-
-def _array(values):
-    import pyarrow as pa
-
-    return pa.array(sorted(values), pa.string())
 
 
 def describe(report: Verification, root: Path) -> list[str]:
