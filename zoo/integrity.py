@@ -240,9 +240,11 @@ def check_file(path: Path, records: set[tuple[str, int]] | None, table: str) -> 
             return None, 0  # the checksum covers every byte
         data = pq.ParquetFile(path, page_checksum_verification=True).read()
         if table == "checkpoints" and {"weights", "sha256"} <= set(data.column_names):
-            weights = data.column("weights").to_pylist()
-            for i, (vector, expected) in enumerate(zip(weights, data.column("sha256").to_pylist())):
-                if sha256(np.asarray(vector, dtype=np.float32)) != expected:
+            weights = data.column("weights").combine_chunks()  # (as arrays: a pack holds millions of values)
+            values = weights.flatten().to_numpy(zero_copy_only=False)
+            bounds = np.concatenate([[0], np.cumsum(weights.value_lengths().fill_null(0).to_numpy())])
+            for i, expected in enumerate(data.column("sha256").to_pylist()):
+                if sha256(values[bounds[i]:bounds[i + 1]]) != expected:
                     return f"checkpoint row {i}: the weights do not match their sha256", rows
                 rows += 1
     except Exception as e:  # any decoding failure is damage; say what the decoder said
