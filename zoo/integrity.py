@@ -144,7 +144,10 @@ def compact_manifest(folder: Path) -> None:
         return
     with contextlib.suppress(OSError), _manifest(folder, exclusive=True):  # (optional: skipped on a full disk)
         present = set(os.listdir(folder))
-        lines = sorted({f"{sha}\t{size}\t{name}" for name, pairs in recorded(folder).items() if name in present
+        records = recorded(folder)
+        if records.keys() <= present:
+            return  # nothing to drop: no rewrite (this runs at the end of every writing command)
+        lines = sorted({f"{sha}\t{size}\t{name}" for name, pairs in records.items() if name in present
                         for sha, size in pairs})
         tmp = temporary_name(folder / MANIFEST)
         try:
@@ -171,7 +174,7 @@ def sweep_temporary(folder: Path) -> int:
             continue
         host, pid = m.group(1), int(m.group(2))
         try:
-            stale = now - entry.stat().st_mtime > STALE_SECONDS or (host == _HOST and not _alive(pid))
+            stale = now - entry.stat().st_mtime > STALE_SECONDS or (host == _HOST and not pid_alive(pid))
         except FileNotFoundError:
             continue
         if stale:
@@ -181,7 +184,8 @@ def sweep_temporary(folder: Path) -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

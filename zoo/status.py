@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from .catalog import ZooConfig
+from .integrity import pid_alive
 from .storage import Store
 
 SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD",
@@ -113,8 +113,4 @@ def _expand(job: str) -> list[str]:
 
 def _alive(job_id: str) -> bool:
     """A local submitit job's id is its process id."""
-    try:
-        os.kill(int(job_id), 0)
-        return True
-    except (ValueError, OSError):
-        return False
+    return job_id.isdigit() and pid_alive(int(job_id))

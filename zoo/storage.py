@@ -478,7 +478,6 @@ class Store:
             if not locked:
                 return 0
             self.finish_packs(zoo)
-            self.sweep(zoo)
             matrices = self.zoo_dir("checkpoints", zoo)
             packed = {t: self._packed_ids(t, zoo) for t in PACKED_TABLES}
             ids = sorted(p.name[: -len(".parquet")] for p in folder.glob("*.parquet") if not p.name.startswith(PACK_PREFIX))
