@@ -19,7 +19,7 @@ from zoo.catalog import load_catalog
 from zoo.cli import main
 from zoo.errors import ZooError
 from zoo.integrity import MANIFEST, check_file, digest, recorded, sweep_temporary, temporary_name
-from zoo.storage import Store
+from zoo.storage import SCHEMAS, Store
 from zoo.verify import verify
 
 from .conftest import REPO
@@ -162,3 +162,21 @@ def test_temporary_files_of_dead_writers_are_swept(tmp_path):
 def test_verify_of_a_missing_zoo_name_is_a_clear_error(copy, capsys):
     assert main(["verify", "../etc", "--root", str(copy)]) == 2
     assert "invalid zoo name" in capsys.readouterr().err
+
+
+def test_a_root_whose_creation_was_killed_stays_queryable_and_a_rerun_completes_it(copy):
+    # a writer killed between creating a table's folder and committing its first file
+    folder = copy / "tables" / "benchmark_results"
+    shutil.rmtree(folder)
+    (folder / "smoke").mkdir(parents=True)
+    temporary_name(folder / "smoke" / "x.parquet").write_bytes(b"half")
+    shutil.rmtree(copy / "tables" / "cells")
+    (copy / "tables" / "cells").mkdir()
+    z = zoo.open(copy)
+    assert "benchmark_results" not in z.store.tables()
+    assert len(z.sql("select * from models")) == 8
+    empty = z.sql("select * from cells")  # an empty view with the table's columns
+    assert empty.empty and list(empty.columns) == SCHEMAS["cells"].names
+    Store(copy, create=True)
+    assert "benchmark_results" in zoo.open(copy).store.tables()
+    assert len(zoo.open(copy).sql("select * from benchmark_results")) == 0

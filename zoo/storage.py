@@ -265,6 +265,13 @@ def default_root() -> Path:
     return Path(os.environ.get("ZOO_ROOT", "zoo-data"))
 
 
+def _empty_view_sql(con: duckdb.DuckDBPyConnection, table: str) -> str:
+    """A view with the table's base schema and no rows, for a table that has no file yet."""
+    empty = con.from_arrow(SCHEMAS[table].empty_table())
+    columns = ", ".join(f'CAST(NULL AS {kind}) AS "{name}"' for name, kind in zip(empty.columns, empty.types))
+    return f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} LIMIT 0"
+
+
 class Store:
     """Reads and writes the part files of one zoo root."""
 
@@ -303,8 +310,10 @@ class Store:
         return str(self.table_dir(table) / "**" / "*.parquet")
 
     def tables(self) -> list[str]:
-        """Tables present in this root (those of later stages appear once written)."""
-        return sorted(p.name for p in (self.root / "tables").iterdir() if p.is_dir())
+        """Tables present in this root: folders holding at least one Parquet file (a writer killed
+        between creating a table's folder and committing its first file leaves an empty one)."""
+        return sorted(p.name for p in (self.root / "tables").iterdir()
+                      if p.is_dir() and ((p / "_empty.parquet").exists() or next(p.rglob("*.parquet"), None)))
 
     # --- writing -------------------------------------------------------------------------
 
@@ -556,7 +565,10 @@ class Store:
         return f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{path}', union_by_name = true)"
 
     def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        for table in self.tables():
+        present = self.tables()
+        for table in SCHEMAS.keys() - set(present):  # (a root whose creation was killed half-way)
+            con.execute(_empty_view_sql(con, table))
+        for table in present:
             try:
                 con.execute(self.view_sql(table))
             except duckdb.Error as e:  # (a view reads every file's schema: a damaged file stops it)
