@@ -1,7 +1,8 @@
 """The job function: train a list of models and store each one. Safe to run twice.
 
 A job skips every model already stored, stores each model the moment it is trained (so a killed
-job loses at most the model in progress), and records a failure instead of raising, so one bad
+job loses at most the model in progress, and of that only the epochs since its last saved state:
+`resume.py`), and records a failure instead of raising, so one bad
 model never takes the rest of its job down. Because part files are named by model id and
 replaced atomically, a job that runs twice (a requeue, two runs at once) never duplicates rows.
 """
@@ -31,6 +32,7 @@ class JobReport:
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # model_id -> error
+    resumed: dict[str, int] = field(default_factory=dict)  # model_id -> the saved epoch it continued after
 
 
 def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
@@ -60,12 +62,19 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
             try:
                 data = load_dataset(group[0].dataset)
                 stacked = item.get("stacked", True) and shape_key(group[0]) is not None
-                results = train_stack(group, data) if stacked else [train(group[0], data)]
+                if stacked:
+                    results = train_stack(group, data)
+                else:  # the reference path saves its state now and then, and resumes from it
+                    results = [train(group[0], data, resume=store.resume_path(group[0].zoo, group[0].model_id))]
                 stored = store.stored_ids("models", group[0].zoo)  # another run may have stored some meanwhile
                 for trained in results:
-                    if trained.spec.model_id in wanted and trained.spec.model_id not in stored:
+                    model_id = trained.spec.model_id
+                    if model_id in wanted and model_id not in stored:
                         write_model(store, trained, zoo.code_version())
-                        report.trained.append(trained.spec.model_id)
+                        report.trained.append(model_id)
+                        if trained.resumed_from is not None:
+                            report.resumed[model_id] = trained.resumed_from
+                    store.resume_path(trained.spec.zoo, model_id).unlink(missing_ok=True)
             except StorageError:
                 raise  # a full disk or a read-only root: no other model can be stored either
             except Exception as e:
@@ -84,8 +93,8 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
 class TrainAndStore(submitit.helpers.Checkpointable):
     """`train_and_store` as a checkpointable submitit job. When SLURM is about to stop the job
     (its time limit, a preemption), submitit calls `checkpoint`, which requeues the same call;
-    since stored models are skipped, the requeued job resumes after the last model it stored
-    instead of from scratch (a model cut off mid-training is trained again)."""
+    since stored models are skipped, the requeued job resumes after the last model it stored,
+    and a model cut off mid-training continues from its last saved state (`resume.py`)."""
 
     def __call__(self, root: str, items: list[str], threads: int = 1) -> JobReport:
         return train_and_store(root, items, threads)

@@ -14,6 +14,7 @@ from zoo.launch import LaunchOptions, run_jobs
 from zoo.storage import Store, write_jobs
 
 from .jobs import TrainAndStore, work_items
+from .resume import save_interval_s
 
 __all__ = ["GenerateReport", "LaunchOptions", "generate", "missing_models"]
 
@@ -26,6 +27,7 @@ class GenerateReport:
     trained: int = 0
     skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    resumed: dict[str, int] = field(default_factory=dict)  # model_id -> the saved epoch it continued after
     seconds: float = 0.0
 
     @property
@@ -47,6 +49,7 @@ def generate(
     at most `options.limit` of them. Same-shape MLPs train as stacks unless `stacked` is False
     (then every model takes the one-model reference path)."""
     options.check()
+    save_interval_s()  # a bad $ZOO_RESUME_EVERY_S is refused here, not in every job
     models = zoo.models() if models is None else models
     missing = missing_models(zoo, store, models)
     items = work_items(models, {spec.model_id for spec in missing}, stacked, options.limit)
@@ -85,6 +88,7 @@ def generate(
                 report.trained += len(outcome.result.trained)
                 report.skipped += len(outcome.result.skipped)
                 report.failed.update(outcome.result.failed)
+                report.resumed.update(outcome.result.resumed)
     store.pack(zoo.name)  # many small per-model parts -> a few packs (fast to read and query)
     store.write_index()
     report.seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -23,6 +24,8 @@ from zoo.device import run_device, set_determinism
 from zoo.evaluation import evaluate
 from zoo.storage import TrainedModel
 from zoo.weights import flatten, tensor_index
+
+from .resume import Saver, TrainingState, load_state
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -58,22 +61,41 @@ def steps_per_epoch(n_train: int, t: Training) -> int:
     return t.steps_per_epoch or -(-n_train // t.batch_size)
 
 
-def epoch_batches(n_train: int, t: Training, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+class BatchOrder:
     """Index batches epoch by epoch. Without `steps_per_epoch`, an epoch is one pass over a fresh
     permutation (the last batch may be short). With it, an epoch is that many full batches cut
-    from a stream of fresh permutations, so every data size gets the same step budget."""
-    if t.steps_per_epoch is None:
-        while True:
-            yield list(torch.randperm(n_train, generator=generator).split(t.batch_size))
-    buffer = torch.empty(0, dtype=torch.int64)
-    while True:
+    from a stream of fresh permutations, so every data size gets the same step budget. Its
+    `state()` (the generator's and the stream's leftover indices) restores the order exactly."""
+
+    def __init__(self, n_train: int, t: Training, generator: torch.Generator):
+        self.n_train, self.t, self.generator = n_train, t, generator
+        self.buffer = torch.empty(0, dtype=torch.int64)
+
+    def next_epoch(self) -> list[torch.Tensor]:
+        t = self.t
+        if t.steps_per_epoch is None:
+            return list(torch.randperm(self.n_train, generator=self.generator).split(t.batch_size))
         batches = []
         for _ in range(t.steps_per_epoch):
-            while len(buffer) < t.batch_size:
-                buffer = torch.cat([buffer, torch.randperm(n_train, generator=generator)])
-            batches.append(buffer[: t.batch_size])
-            buffer = buffer[t.batch_size :]
-        yield batches
+            while len(self.buffer) < t.batch_size:
+                self.buffer = torch.cat([self.buffer, torch.randperm(self.n_train, generator=self.generator)])
+            batches.append(self.buffer[: t.batch_size])
+            self.buffer = self.buffer[t.batch_size :]
+        return batches
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.generator.get_state(), self.buffer.clone()
+
+    def restore(self, generator_state: torch.Tensor, buffer: torch.Tensor) -> None:
+        self.generator.set_state(generator_state)
+        self.buffer = buffer.clone()
+
+
+def epoch_batches(n_train: int, t: Training, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+    """`BatchOrder`'s epochs as an endless stream."""
+    order = BatchOrder(n_train, t, generator)
+    while True:
+        yield order.next_epoch()
 
 
 def augment(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -136,16 +158,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return total.item()
 
 
-def train(spec: ModelSpec, data: Data) -> TrainedModel:
+def train(spec: ModelSpec, data: Data, resume: Path | None = None) -> TrainedModel:
     """Train the model `spec` describes on `data`, evaluating every epoch (epoch 0 = the
-    initialisation) and keeping the flat weights at the declared checkpoint epochs."""
+    initialisation) and keeping the flat weights at the declared checkpoint epochs.
+
+    With `resume` (a file path), the training state is saved there at epoch ends now and then,
+    and a state found there at the start is continued from (see `resume.py`): same bits."""
     t = spec.training
     start = time.perf_counter()
     device = run_device()
     if device.type == "cuda":
         set_determinism(t.deterministic)
     model = initial_model(spec).to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
-    order = torch.Generator().manual_seed(derive_seed(spec.seed, "data"))
+    order = BatchOrder(len(data.x_train), t, torch.Generator().manual_seed(derive_seed(spec.seed, "data")))
     augmentation = torch.Generator().manual_seed(derive_seed(spec.seed, "augment"))
     optimizer = make_optimizer(model.parameters(), t)
     schedule = make_schedule(optimizer, t, t.epochs * steps_per_epoch(len(data.x_train), t))
@@ -159,11 +184,22 @@ def train(spec: ModelSpec, data: Data) -> TrainedModel:
         if epoch in wanted:
             checkpoints[epoch] = flatten(model)
 
-    record(0)
-    batches = epoch_batches(len(data.x_train), t, order)
-    for epoch in range(1, t.epochs + 1):
+    saver = Saver(resume, spec)
+    state = load_state(resume, spec) if resume is not None else None
+    spent_before, first_epoch = 0.0, 1
+    if state is None:
+        record(0)
+    else:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        schedule.load_state_dict(state.schedule)
+        order.restore(state.generators["order"], state.buffers["order"])
+        augmentation.set_state(state.generators["augment"])
+        curves, checkpoints = state.curves, state.checkpoints
+        spent_before, first_epoch = state.seconds, state.epoch + 1
+    for epoch in range(first_epoch, t.epochs + 1):
         model.train()
-        for idx in next(batches):
+        for idx in order.next_epoch():
             x = data.x_train[idx]
             if t.augmentation != "none":  # drawn on the CPU from the model's own stream, on any device
                 x = augment(x, t.crop_padding, augmentation)
@@ -175,4 +211,11 @@ def train(spec: ModelSpec, data: Data) -> TrainedModel:
             train_step(model, optimizer, x, data.y_train[idx].to(device, non_blocking=True), t.micro_batch_size, t.precision)
             schedule.step()
         record(epoch)
-    return TrainedModel(spec, curves, checkpoints, tensor_index(model), time.perf_counter() - start)
+        if saver.due(epoch):
+            generator_state, buffer = order.state()
+            saver.save(TrainingState(
+                epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                generators={"order": generator_state, "augment": augmentation.get_state()}, buffers={"order": buffer},
+                curves=curves, checkpoints=checkpoints, seconds=spent_before + time.perf_counter() - start))
+    return TrainedModel(spec, curves, checkpoints, tensor_index(model), spent_before + time.perf_counter() - start,
+                        resumed_from=state.epoch if state is not None else None)

@@ -30,7 +30,7 @@ def fingerprint(root) -> dict:
 
 
 def zoo_cli(*args, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = {**os.environ, **kwargs.pop("env", {}), "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "zoo", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
 

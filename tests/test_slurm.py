@@ -5,6 +5,7 @@ idempotent: under `.ci/run` it is already up). Deselect with -m "not slurm"."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,12 +206,13 @@ def test_a_job_without_a_result_in_time_is_cancelled_and_reported(slurm, tmp_pat
         raise AssertionError(f"{e}: squeue {squeue(slurm)}; sinfo {nodes.strip()}") from None
 
 
-def test_a_job_warned_of_its_time_limit_requeues_and_resumes_after_its_last_stored_model(slurm, tmp_path):
+def test_a_job_warned_of_its_time_limit_requeues_and_resumes_from_its_last_saved_epoch(slurm, tmp_path):
     """SLURM warns a job `signal_delay_s` before its time limit with SIGUSR2 (`--signal`, set
     by submitit); the job then checkpoints and requeues itself, and the requeued run trains only
-    the models not yet stored, while those stored before keep their rows. SLURM sends that
-    warning with a 60 s resolution, so the test sends the same signal itself once a first
-    model is stored, under a limit long enough that SLURM's own warning does not come first."""
+    the models not yet stored, while those stored before keep their rows, and the model cut off
+    mid-training continues from its last saved epoch. SLURM sends that warning with a 60 s
+    resolution, so the test sends the same signal itself once a first model is stored and the
+    next has saved an epoch, under a limit long enough that SLURM's own warning does not come first."""
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"zoos": {"slow": {
         "description": "six wide digits MLPs (reference path, ~6 s each)", "dataset": {"name": "digits"},
@@ -219,8 +221,11 @@ def test_a_job_warned_of_its_time_limit_requeues_and_resumes_after_its_last_stor
         "training": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 20}, "checkpoints": [0, 20]}}}))
     root = tmp_path / "root"
     run = zoo_command("generate", "slow", "--catalog", str(catalog), "--root", str(root), "--executor", "slurm",
-                      "--models-per-job", "6", "--timeout-min", "10", "--signal-delay-s", "90", env=slurm)
+                      "--models-per-job", "6", "--timeout-min", "10", "--signal-delay-s", "90",
+                      env={**slurm, "ZOO_RESUME_EVERY_S": "0"})  # (sbatch passes the environment on)
     first = wait_for(lambda: (root / "tables").is_dir() and Store(root).stored_ids("models", "slow"), 120, "a first model")
+    saved = wait_for(lambda: [p.stem for p in (root / "resume" / "slow").glob("*.safetensors")
+                              if p.stem not in Store(root).stored_ids("models", "slow")], 60, "a saved epoch", poll=0.1)
     early = zoo.open(root).sql("select model_id, created_at from models").set_index("model_id")["created_at"]
     job = zoo.open(root).sql("select distinct job_id from jobs")["job_id"].iloc[0]
     script = next(Path(slurm["ZOO_JOBS_DIR"]).rglob(f"{job.split('_')[0]}*submission.sh"), None) or \
@@ -235,3 +240,6 @@ def test_a_job_warned_of_its_time_limit_requeues_and_resumes_after_its_last_stor
     assert row_counts(root) == (6, 12, 126)  # every model once: 6 x 2 checkpoints, 6 x 21 curve rows
     later = zoo.open(root).sql("select model_id, created_at from models").set_index("model_id")["created_at"]
     assert first and len(early) < 6 and all(later[m] == early[m] for m in early.index)  # not trained again
+    resumed = re.findall(r"resumed (\S+) after its saved epoch (\d+)", err)  # the model cut off, or the next
+    assert saved and len(resumed) == 1 and resumed[0][0] not in early.index and int(resumed[0][1]) >= 1, err[-2000:]
+    assert not list((root / "resume" / "slow").glob("*.safetensors"))

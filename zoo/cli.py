@@ -196,6 +196,8 @@ def cmd_generate(args) -> int:
             f"of {report.planned} planned in {report.seconds:.1f} s ({report.models_per_second:.2f} models/s); root {store.root}",
             file=sys.stderr,
         )
+    for model_id, epoch in list(report.resumed.items())[:5]:
+        print(f"  resumed {model_id} after its saved epoch {epoch}", file=sys.stderr)
     for model_id, error in list(report.failed.items())[:5]:
         print(f"  failed {model_id}: {error.splitlines()[0]}", file=sys.stderr)
     return 1 if report.failed else 0

@@ -7,6 +7,7 @@ Layout of a root:
     tables/<table>/<zoo>/<model_id>.parquet one part per model and table, as jobs write them
     tables/<table>/<zoo>/pack-<hash>.parquet many models' rows in one file (`Store.pack`)
     tables/checkpoints/<zoo>/pack-<hash>.safetensors   the same weights as N x P matrices (zoo.matrices)
+    resume/<zoo>/<model_id>.safetensors     a model in training's saved state, until it is stored
 
 One part per model and table, named by the model's id, is what makes generation idempotent: a
 job that runs twice, or two runs at once, write the same file name, and the atomic rename means
@@ -216,6 +217,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 PACKED_TABLES = ("checkpoints", "curves", "tensors", "models")  # the models row last: the commit
 PACK_PREFIX = "pack-"
+RESUME_DIR = "resume"
 PENDING = ".pending"
 PACK_BYTES = 256 << 20
 MATRIX_SUFFIX = ".safetensors"  # a checkpoint pack's weight matrices (zoo.matrices)
@@ -305,6 +307,10 @@ class Store:
 
     def zoo_dir(self, table: str, zoo: str) -> Path:
         return self.table_dir(table) / safe_name("zoo name", zoo)
+
+    def resume_path(self, zoo: str, model_id: str) -> Path:
+        """Where the training state of a model in training is saved (generators/resume.py)."""
+        return self.root / RESUME_DIR / safe_name("zoo name", zoo) / f"{safe_name('model id', model_id)}.safetensors"
 
     def glob(self, table: str) -> str:
         return str(self.table_dir(table) / "**" / "*.parquet")
@@ -532,9 +538,17 @@ class Store:
             return len(ids)
 
     def sweep(self, zoo: str | None = None) -> int:
-        """Remove temporary files of dead writers and compact the checksum manifests of the
-        packed tables (of one zoo, or all); returns how many temporary files went."""
+        """Remove temporary files of dead writers and the saved training states of stored
+        models, and compact the checksum manifests of the packed tables (of one zoo, or all);
+        returns how many temporary files went."""
         removed = sweep_temporary(self.root)
+        resume = self.root / RESUME_DIR
+        for folder in ([resume / zoo] if zoo else [p for p in resume.iterdir() if p.is_dir()]) if resume.is_dir() else []:
+            removed += sweep_temporary(folder)
+            stored = self.stored_ids("models", folder.name) if folder.is_dir() else set()
+            for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+                if path.stem in stored:  # (its job was killed between storing the model and removing this)
+                    path.unlink(missing_ok=True)
         for table_dir in (self.root / "tables").iterdir():
             removed += sweep_temporary(table_dir)
             for folder in ([table_dir / zoo] if zoo else [p for p in table_dir.iterdir() if p.is_dir()]):
@@ -622,6 +636,7 @@ class TrainedModel:
     checkpoints: dict[int, np.ndarray]  # epoch -> flat float32 state (see zoo.weights)
     index: list[TensorEntry]
     train_seconds: float
+    resumed_from: int | None = None  # the epoch a resumed run continued after (not stored)
 
 
 def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
