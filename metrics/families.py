@@ -58,6 +58,15 @@ class ModelContext:
 
 
     @cached_property
+    def placed(self) -> torch.nn.Module:
+        """The model on the device metrics run on (`zoo.device.run_device()`: $ZOO_DEVICE, else
+        CUDA when present): the model itself on the CPU, else one copy there per context."""
+        from zoo.device import run_device
+
+        device = run_device()
+        return self.model if device.type == "cpu" else copy.deepcopy(self.model).to(device)
+
+    @cached_property
     def finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.model.parameters())
 
@@ -200,13 +209,12 @@ def hessian(contexts: list[ModelContext], s: HessianSettings) -> list[Result]:
     from .hessian import (hessian_density, hessian_top_eigenvalues, hessian_trace, hutchpp_trace,
                           krylov_top_eigenvalues_and_trace, lanczos_top_eigenvalues)
 
-    from zoo.device import run_device
-
-    device = run_device()  # the Hessian-vector products run there (the Krylov algebra stays on the CPU)
     results = []
     for ctx in contexts:
         values, densities = {}, []
-        model = ctx.model if device.type == "cpu" or s.method == "pyhessian" else copy.deepcopy(ctx.model).to(device)
+        # our Hessian-vector products run on the metrics device (the Krylov algebra stays on the
+        # CPU); pyhessian, the published protocol, runs on the CPU as published
+        model = ctx.model if s.method == "pyhessian" else ctx.placed
         for split, x, y, n in (
             ("train", ctx.data.x_train, ctx.data.y_train, s.train_samples),
             ("test", ctx.data.x_test, ctx.data.y_test, s.test_samples),
@@ -255,7 +263,7 @@ def spectral(contexts: list[ModelContext], s: SpectralSettings) -> list[Result]:
     the cell are batched."""
     from .spectral import spectral_metrics_many
 
-    per_model = spectral_metrics_many([c.model for c in contexts], s.farms_window, s.farms_positions)
+    per_model = spectral_metrics_many([c.placed for c in contexts], s.farms_window, s.farms_positions)
     results = []
     for layers in per_model:
         fitted = [m for m in layers.values() if m["n_eigs"] >= s.min_eigenvalues]
@@ -304,7 +312,7 @@ def cka(a: ModelContext, b: ModelContext, s: CKASettings) -> dict[str, float]:
     from .cka import cka_between
 
     x = a.data.x_test[: s.samples]
-    return {**cka_between(a.model, b.model, x, batch_size=s.batch_size), "cka_samples": float(len(x))}
+    return {**cka_between(a.placed, b.placed, x, batch_size=s.batch_size), "cka_samples": float(len(x))}
 
 
 class ConnectivitySettings(Settings):
@@ -331,10 +339,11 @@ def connectivity(a: ModelContext, b: ModelContext, s: ConnectivitySettings) -> d
     Bezier curve, on train/test loss and error, BatchNorm re-estimated at every point."""
     from .connectivity import connectivity_metrics
 
-    train = batches(a.data.x_train, a.data.y_train, s.train_samples, s.batch_size)
-    test = batches(a.data.x_test, a.data.y_test, s.test_samples, s.batch_size)
+    device = next(a.placed.parameters()).device  # (the batches go there once, not per path point)
+    train = [(x.to(device), y.to(device)) for x, y in batches(a.data.x_train, a.data.y_train, s.train_samples, s.batch_size)]
+    test = [(x.to(device), y.to(device)) for x, y in batches(a.data.x_test, a.data.y_test, s.test_samples, s.batch_size)]
     values = connectivity_metrics(
-        a.model, b.model, train, test, n_points=s.n_points, bezier=s.bezier, bezier_epochs=s.bezier_epochs,
+        a.placed, b.placed, train, test, n_points=s.n_points, bezier=s.bezier, bezier_epochs=s.bezier_epochs,
         seed=s.seed, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
     )
     wanted = set(_connectivity_names(s))

@@ -50,7 +50,12 @@ class MetricsReport:
 
 
 def versions() -> dict[str, str]:
-    return zoo.library_versions("pyhessian", "scipy")
+    """The library versions and the device a stored metric depends on."""
+    from zoo.device import run_device
+
+    device = run_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {**zoo.library_versions("pyhessian", "scipy"), "device": name}
 
 
 def part_key(family: str, ids: list[str], epoch: int, digest: str) -> str:

@@ -7,6 +7,11 @@ For each width, trains K models for a fixed number of SGD steps two ways, in thi
 Prints images/s for both and the ratio, the peak GPU memory, and checks that the stacked step
 equals the one-at-a-time step for model 0 (after the first step, to float tolerance).
 
+Then the metric families on the device against the CPU, for two ResNet-18s (`--metric-width`)
+after a few SGD steps: Hessian top eigenvalue and trace (krylov), spectral alpha per layer, CKA,
+mode connectivity (linear path and a one-epoch Bezier curve): the largest relative difference
+of each and the CPU/device time ratio.
+
     python perf/gpu_check.py                                   # on the GPU, defaults below
     python perf/gpu_check.py --precision bf16 --channels-last  # the GPU path's speed options
     python perf/gpu_check.py --device cpu --widths 2 --models 2 --steps 2 --batch 8   # a smoke run
@@ -77,6 +82,55 @@ def stacked(models, data, labels, steps, batch, precision) -> tuple[float, dict]
     return time.perf_counter() - start, params
 
 
+def metrics_on_device(device: torch.device, width: int, data, labels, batch: int) -> None:
+    """The metric families on `device` and on the CPU for the same two models (see the docstring)."""
+    from metrics.cka import cka_between
+    from metrics.connectivity import connectivity_metrics
+    from metrics.hessian import krylov_top_eigenvalues_and_trace
+    from metrics.spectral import spectral_metrics_many
+
+    spec = {"name": "resnet", "width": width, "depth": 18}
+    models = [build_model(spec, (3, 32, 32), 10, seed=s) for s in (0, 1)]
+    x, y = data[: 4 * batch].cpu().contiguous(), labels[: 4 * batch].cpu()
+    for model in models:  # a few steps, so BatchNorm statistics and weights are not the init's
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.train()
+        for step in range(4):
+            train_step(model, optimizer, x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch])
+
+    def run(where: torch.device) -> tuple[dict[str, list[float]], dict[str, float]]:
+        placed = [copy.deepcopy(m).to(where) for m in models]
+        parts = [(x[i:i + batch].to(where), y[i:i + batch].to(where)) for i in range(0, len(x), batch)]
+        values, seconds = {}, {}
+
+        def timed(name, fn):
+            synchronize(where)
+            start = time.perf_counter()
+            values[name] = fn()
+            synchronize(where)
+            seconds[name] = time.perf_counter() - start
+
+        whole = [(x[:256].to(where), y[:256].to(where))]
+        timed("hessian", lambda: (lambda r: [float(r.eigenvalues[0]), float(r.trace)])(
+            krylov_top_eigenvalues_and_trace(placed[0], whole, top_n=1, block=4, max_blocks=10, trace_tol=0.05,
+                                             max_probes=20, seed=0)))
+        timed("spectral alpha", lambda: [m["alpha"] for layers in spectral_metrics_many(placed, (100, 200), 10)
+                                         for m in layers.values() if m["n_eigs"] >= 20])
+        timed("cka", lambda: list(cka_between(placed[0], placed[1], x[:512]).values()))
+        timed("connectivity", lambda: list(connectivity_metrics(placed[0], placed[1], parts, parts[:1], n_points=3,
+                                                                bezier=True, bezier_epochs=1, seed=0).values()))
+        return values, seconds
+
+    cpu_values, cpu_seconds = run(torch.device("cpu"))
+    dev_values, dev_seconds = run(device)
+    print(f"metric families, ResNet-18 width {width}, {device} vs cpu:")
+    for name in cpu_values:
+        a, b = torch.tensor(cpu_values[name], dtype=torch.float64), torch.tensor(dev_values[name], dtype=torch.float64)
+        gap = float(((a - b).abs() / a.abs().clamp(min=1e-6)).max())
+        print(f"  {name:<15} max relative difference {gap:.1e}; cpu {cpu_seconds[name]:.2f} s, "
+              f"{device.type} {dev_seconds[name]:.2f} s ({cpu_seconds[name] / dev_seconds[name]:.1f}x)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: $ZOO_DEVICE, else cuda if present, else cpu")
@@ -87,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=["float32", "bf16"], default="float32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
+    parser.add_argument("--metric-width", type=int, default=16, help="the metric check's ResNet-18 width (0: skip it)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device) if args.device else run_device()
@@ -113,7 +168,7 @@ def main(argv=None) -> int:
         one_at_a_time(a, data, labels, 1, args.batch, args.precision)
         _, stacked_params = stacked([copy.deepcopy(m) for m in fresh], data, labels, 1, args.batch, args.precision)
         tolerance = 5e-2 if args.precision == "bf16" else 1e-3
-        gaps = [float((stacked_params[k][0] - p).abs().max()) for k, p in a[0].named_parameters()]
+        gaps = [float((stacked_params[k][0] - p).detach().abs().max()) for k, p in a[0].named_parameters()]
         check = f"max |diff| {max(gaps):.1e} ({'ok' if max(gaps) < tolerance else 'MISMATCH'})"
         # warm-up, then the timed runs
         one_at_a_time([copy.deepcopy(m) for m in fresh], data, labels, warm, args.batch, args.precision)
@@ -129,6 +184,8 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in fresh[0].parameters())
         print(f"{width:>6} {n_params:>10,} {images / sequential_s:>20,.0f} {images / stacked_s:>14,.0f} "
               f"{sequential_s / stacked_s:>5.2f}x {peak:>8.2f}  {check}")
+    if args.metric_width:
+        metrics_on_device(device, args.metric_width, data, labels, args.batch)
     return 0
 
 

@@ -72,7 +72,12 @@ def test_fmnist_resnet18_small_generates_gets_metrics_and_a_benchmark_on_cpu(tmp
 
 def test_the_gpu_check_script_runs(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "perf" / "gpu_check.py"), "--device", "cpu", "--widths", "2",
-                          "--models", "2", "--steps", "2", "--batch", "8"], capture_output=True, text=True, timeout=300)
+                          "--models", "2", "--steps", "2", "--batch", "8", "--metric-width", "2"],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    last = run.stdout.strip().splitlines()[-1]
-    assert last.split()[0] == "2" and "(ok)" in last, run.stdout
+    lines = run.stdout.strip().splitlines()
+    row = next(line for line in lines if line.split()[0] == "2")
+    assert "(ok)" in row, run.stdout
+    families = [line.split()[0] for line in lines if "max relative difference" in line]
+    assert families == ["hessian", "spectral", "cka", "connectivity"], run.stdout
+    assert all("difference 0.0e+00" in line for line in lines if "max relative difference" in line)  # cpu vs cpu
