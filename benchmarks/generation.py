@@ -85,6 +85,11 @@ def random_init(weights: torch.Tensor, p, ctx: GenerationContext) -> torch.Tenso
     return torch.stack(rows)
 
 
+# The flat autoencoder's outer layers hold parameters x hidden weights; past this many (0.5 GB
+# each in float32, about 4 GB with gradients and Adam's moments) it is refused, not run out of memory.
+AUTOENCODER_MAX_WEIGHTS = 1 << 27
+
+
 class AutoencoderParameters(Parameters):
     latent: int = Field(16, ge=1)
     hidden: int = Field(256, ge=1)
@@ -97,6 +102,12 @@ class AutoencoderParameters(Parameters):
 @register_method("autoencoder", kind="generation", parameters=AutoencoderParameters)
 def autoencoder(weights: torch.Tensor, p: AutoencoderParameters, ctx: GenerationContext) -> torch.Tensor:
     """Hyper-representation: MLP autoencoder + KDE over latents."""
+    if len(weights) <= p.latent:  # a KDE needs more points than dimensions: say so before training
+        raise ValueError(f"{len(weights)} models are too few for a {p.latent}-dimensional latent KDE")
+    if weights.shape[1] * p.hidden > AUTOENCODER_MAX_WEIGHTS:
+        raise ValueError(f"an autoencoder over {weights.shape[1]:,} parameters with {p.hidden} hidden units has "
+                         f"{weights.shape[1] * p.hidden:,} weights per outer layer, over {AUTOENCODER_MAX_WEIGHTS:,} "
+                         "(a flat MLP autoencoder does not scale to this architecture)")
     mean, std = weights.mean(0), weights.std(0).clamp(min=1e-8)
     z = (weights - mean) / std
     torch.manual_seed(ctx.seed)
@@ -112,8 +123,6 @@ def autoencoder(weights: torch.Tensor, p: AutoencoderParameters, ctx: Generation
         optimizer.step()
     with torch.no_grad():
         latents = encoder(z).double().numpy()
-        if len(latents) <= latents.shape[1]:  # a KDE needs more points than dimensions
-            raise ValueError(f"{len(latents)} models are too few for a {p.latent}-dimensional latent KDE")
         kde = gaussian_kde(latents.T, bw_method=p.bandwidth)
         sampled = kde.resample(ctx.n, seed=np.random.default_rng(ctx.seed)).T
         return decoder(torch.as_tensor(sampled, dtype=torch.float32)) * std + mean

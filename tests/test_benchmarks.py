@@ -77,19 +77,29 @@ def test_greedy_soup_starts_from_the_best_and_only_adds_what_helps():
     assert float(soup["w"]) == pytest.approx(2.5) and chosen == [1, 2]
 
 
-@pytest.mark.parametrize("arch, shape", [
-    ({"name": "mlp", "width": 16, "depth": 3}, (64,)),
-    ({"name": "cnn", "width": 4, "depth": 2, "batchnorm": True}, (1, 8, 8)),
+@pytest.mark.parametrize("arch, shape, n_groups", [
+    ({"name": "mlp", "width": 16, "depth": 3}, (64,), 3),
+    ({"name": "cnn", "width": 4, "depth": 2, "batchnorm": True}, (1, 8, 8), 2),
+    # 4 residual streams (one per stage: a projection starts each but the first) + 8 block bodies
+    ({"name": "resnet", "width": 2, "depth": 18}, (3, 8, 8), 4 + 8),
+    # the stem's stream + 4 projected streams + 16 bottlenecks x 2 inner layers
+    ({"name": "resnet", "width": 2, "depth": 50}, (3, 8, 8), 5 + 32),
+    # the residual stream + one MLP hidden layer per block
+    ({"name": "vit", "width": 8, "depth": 2, "heads": 2, "patch_size": 4}, (3, 8, 8), 1 + 2),
 ])
-def test_weight_matching_recovers_a_known_permutation(arch, shape):
+def test_weight_matching_recovers_a_known_permutation(arch, shape, n_groups):
     model, state = _state(0, arch, shape)
-    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # make the statistics non-trivial
+    with torch.no_grad():  # make the statistics and the norms' affine parameters non-trivial
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     spec = permutation_spec(model)
+    assert len(spec) == n_groups
     perms = random_permutations(spec, torch.Generator().manual_seed(1))
     shuffled = permute_state(state, spec, perms)
     assert any(not torch.equal(shuffled[k], state[k]) for k in state)
@@ -439,3 +449,19 @@ def test_alpha_allocation_leaves_a_few_eigenvalue_head_at_the_median(method):
     head, others = kept.pop("7"), sorted(kept.values())
     assert others[0] - 1e-3 <= head <= others[-1] + 1e-3 and head == pytest.approx(others[1], abs=0.01)
     assert pruning.sparsity(pruning.apply_masks(model, masks)) == pytest.approx(0.6, abs=0.01)
+
+
+def test_the_autoencoder_refuses_too_few_models_or_too_many_weights_before_training(monkeypatch):
+    from benchmarks import generation
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained anyway")
+
+    monkeypatch.setattr(generation.torch.optim, "Adam", never)
+    ctx = generation.GenerationContext(model_spec=None, index=[], n=2, generator=torch.Generator(), seed=0)
+    p = generation.AutoencoderParameters()
+    with pytest.raises(ValueError, match="4 models are too few for a 16-dimensional latent KDE"):
+        generation.autoencoder(torch.zeros(4, 10), p, ctx)
+    too_wide = generation.AUTOENCODER_MAX_WEIGHTS // p.hidden + 1
+    with pytest.raises(ValueError, match="does not scale"):
+        generation.autoencoder(torch.zeros(20, too_wide), p, ctx)
