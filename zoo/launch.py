@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -186,9 +187,29 @@ def _executor(options: LaunchOptions, folder: Path):
 
 def _finished(job) -> bool:
     try:
-        return job.done()
+        done = job.done()
     except Exception:  # the debug executor runs the job inside done() and may raise there
         return True
+    return done and not _back_in_queue(job)
+
+
+# squeue states of a job that will still run (or runs again)
+STILL_QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING", "SUSPENDED")
+
+
+def _back_in_queue(job) -> bool:
+    """Whether a SLURM job that ended without a result is queued again: SLURM requeues a job
+    whose node failed (NODE_FAIL) or that was preempted, and sacct may report the ended run
+    first. Such a job is waited for, not reported failed (its models would train twice)."""
+    from submitit.slurm.slurm import SlurmJob
+
+    if not isinstance(job, SlurmJob) or job.paths.result_pickle.exists():
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(line.strip() in STILL_QUEUED for line in out.stdout.splitlines())
 
 
 def _give_up(job, chunk: list[str], seconds: float) -> JobOutcome:
