@@ -138,3 +138,23 @@ def test_a_matrix_file_without_its_pack_is_never_read(unpacked, tmp_path):
     widths = zoo.open(root).sql("select model_id, width from models").set_index("model_id")["width"]
     same = [m for m in ids if widths[m] == 8]
     assert not np.any(zoo.open(root).weights(same).numpy() == 7.0)
+
+
+def test_a_reader_after_a_packer_killed_mid_rename_sees_every_row(unpacked, tmp_path, monkeypatch):
+    """Killed between removing a pack's parts and renaming it, a packer leaves those rows in the
+    pending file only: the next reader finishes the pack before it looks (a read-only root
+    would wait for the next writer)."""
+    root = tmp_path / "r"
+    shutil.copytree(unpacked, root)
+    expected = fingerprint(root)
+    store = Store(root)
+    monkeypatch.setattr(Store, "finish_packs", lambda self, zoo: None)
+    store.pack("smoke")
+    monkeypatch.undo()
+    for table in ("checkpoints", "curves"):  # their parts removed, the packs not yet renamed
+        for name in parts(root, table):
+            if not name.startswith("pack-"):
+                (store.zoo_dir(table, "smoke") / name).unlink()
+    assert fingerprint(root) == expected  # the reader finished them
+    assert not any(name.endswith(".pending") for name in parts(root))
+    assert len(zoo.open(root).sql("select * from curves")) == 8 * 4

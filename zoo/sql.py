@@ -23,6 +23,7 @@ READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with one view per table of `store`, locked to the root."""
     con = duckdb.connect(":memory:")
+    store.recover()  # (packs a killed packer left half-finished)
     with store.reading():
         store.create_views(con)
     root = str(store.root).replace("'", "''")

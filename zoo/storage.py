@@ -568,11 +568,24 @@ class Store:
         for table in PACKED_TABLES:
             folder = self.zoo_dir(table, zoo)
             for pending in sorted(folder.glob(f"{PACK_PREFIX}*{PENDING}")) if folder.is_dir() else []:
-                members = set(_model_ids(pending))
                 with self.removing():  # readers see the models in their parts or in the pack, never in neither
-                    for model_id in members:
+                    if not pending.exists():  # another process finished it meanwhile
+                        continue
+                    for model_id in set(_model_ids(pending)):
                         self.part_path(table, zoo, model_id).unlink(missing_ok=True)
                     rename(pending, pending.with_name(pending.name[: -len(PENDING)]))
+
+    def recover(self) -> None:
+        """Finish the packs a killed packer left pending, before a reader looks: a packer killed
+        between removing a pack's parts and renaming it leaves its models' rows in the pending
+        file only, which queries do not read. Like a database replaying its journal on open;
+        on a root this process cannot write, nothing is done (the next writer finishes them)."""
+        for table in PACKED_TABLES:
+            folder = self.table_dir(table)
+            for zoo_dir in folder.iterdir() if folder.is_dir() else []:
+                if zoo_dir.is_dir() and next(zoo_dir.glob(f"{PACK_PREFIX}*{PENDING}"), None) is not None:
+                    with contextlib.suppress(OSError, ZooError, pa.ArrowException):  # (verify names damage)
+                        self.finish_packs(zoo_dir.name)
 
     def view_sql(self, table: str) -> str:
         path = self.glob(table).replace("'", "''")
