@@ -579,13 +579,17 @@ class Store:
         """Finish the packs a killed packer left pending, before a reader looks: a packer killed
         between removing a pack's parts and renaming it leaves its models' rows in the pending
         file only, which queries do not read. Like a database replaying its journal on open;
-        on a root this process cannot write, nothing is done (the next writer finishes them)."""
-        for table in PACKED_TABLES:
-            folder = self.table_dir(table)
-            for zoo_dir in folder.iterdir() if folder.is_dir() else []:
-                if zoo_dir.is_dir() and next(zoo_dir.glob(f"{PACK_PREFIX}*{PENDING}"), None) is not None:
-                    with contextlib.suppress(OSError, ZooError, pa.ArrowException):  # (verify names damage)
-                        self.finish_packs(zoo_dir.name)
+        on a root this process cannot write, or while a packer runs (it finishes its own), nothing
+        is done."""
+        zoos = sorted({d.name for table in PACKED_TABLES if self.table_dir(table).is_dir()
+                       for d in self.table_dir(table).iterdir()
+                       if d.is_dir() and next(d.glob(f"{PACK_PREFIX}*{PENDING}"), None) is not None})
+        if not zoos:
+            return
+        with contextlib.suppress(OSError, ZooError, pa.ArrowException):  # (verify names a damaged pack)
+            with self.packing() as locked:
+                for zoo in zoos if locked else []:
+                    self.finish_packs(zoo)
 
     def view_sql(self, table: str) -> str:
         path = self.glob(table).replace("'", "''")
