@@ -17,7 +17,6 @@ stored. Stacks of small models (`stacked.py`) take minutes and start over instea
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import zoo
 from zoo.catalog import ModelSpec
 from zoo.errors import ZooError
-from zoo.integrity import temporary_name, write_error
+from zoo.integrity import write_atomically, write_error
 
 FORMAT = "zoo-resume-1"
 DEFAULT_EVERY_S = 300.0
@@ -132,18 +131,12 @@ def save_state(path: Path, spec: ModelSpec, state: TrainingState) -> None:
         "optimizer": json.dumps(_to_json(optimizer_plain)), "schedule": json.dumps(_to_json(state.schedule)),
         "curves": json.dumps(state.curves), "sha256": _digest(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:  # (safetensors reports a full disk as its own error type)
-        raise write_error(path, e) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path.parent, e) from None
+    # (transient: its sha256 is in its metadata, so it needs no record in a manifest)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), record=False)
 
 
 def load_state(path: Path, spec: ModelSpec) -> TrainingState | None:
@@ -152,11 +145,9 @@ def load_state(path: Path, spec: ModelSpec) -> TrainingState | None:
     if not path.exists():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         return _discard(path, spec, f"unreadable ({e})")
     if metadata.get("format") != FORMAT:
@@ -198,11 +189,10 @@ class Saver:
     """Decides when an epoch end saves: the first time `every_s` seconds have passed since the
     run (or the last save) began; never after the last epoch (the model is stored then)."""
 
-    def __init__(self, path: Path | None, spec: ModelSpec, every_s: float | None = None):
+    def __init__(self, path: Path | None, spec: ModelSpec):
         self.path, self.spec = path, spec
-        self.every_s = save_interval_s() if every_s is None else every_s
+        self.every_s = save_interval_s()
         self.last = time.monotonic()
-        self.saved = 0
 
     def due(self, epoch: int) -> bool:
         return self.path is not None and epoch < self.spec.training.epochs and time.monotonic() - self.last >= self.every_s
@@ -210,4 +200,3 @@ class Saver:
     def save(self, state: TrainingState) -> None:
         save_state(self.path, self.spec, state)
         self.last = time.monotonic()
-        self.saved += 1

@@ -10,7 +10,6 @@ them a zoo's models and data with recorded settings.
 from __future__ import annotations
 
 import copy
-
 import hashlib
 import json
 from dataclasses import dataclass, field

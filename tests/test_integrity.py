@@ -180,3 +180,11 @@ def test_a_root_whose_creation_was_killed_stays_queryable_and_a_rerun_completes_
     Store(copy, create=True)
     assert "benchmark_results" in zoo.open(copy).store.tables()
     assert len(zoo.open(copy).sql("select * from benchmark_results")) == 0
+
+
+def test_every_data_file_gets_the_mode_the_umask_gives_new_files(smoke_root):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in data_files(smoke_root)}
+    assert any(name.endswith(".safetensors") for name in modes)  # (safetensors alone would make them 0600)
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -32,6 +32,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
+
+from safetensors import SafetensorError
 
 from .errors import StorageError
 
@@ -40,6 +43,8 @@ QUARANTINE = "quarantine"
 STALE_SECONDS = 24 * 3600
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _LINE = re.compile(r"^([0-9a-f]{64})\t(\d+)\t([^\t/]+)$")
+_UMASK = os.umask(0)  # (read once: asking changes it, for a moment, for every thread)
+os.umask(_UMASK)
 _TEMPORARY = re.compile(r"^\..+\.([A-Za-z0-9-]+)\.(\d+)\.[0-9a-f]{12}\.tmp(\.wal)?$")
 
 
@@ -59,6 +64,39 @@ def write_error(path: Path, e: Exception) -> StorageError:
     else:
         hint = ""
     return StorageError(f"cannot write {path}: {text}{hint}")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], record: bool = True) -> None:
+    """Write `path` through `write(tmp)` under a temporary name, fsync it, give it the mode the
+    umask gives new files (safetensors creates its files 0600), and put it in place: with its
+    checksum on record (`commit`), or, for a transient file (`record=False`), by a durable rename
+    alone. A failed write (a full disk, a read-only root) leaves nothing behind and raises the
+    one-line `StorageError`."""
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if record:
+            commit(tmp, path)
+        else:
+            os.replace(tmp, path)
+            _fsync_folder(path.parent)
+    except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as its own error type)
+        raise write_error(path, e) from None
+    finally:
+        with contextlib.suppress(OSError):  # (a read-only root refuses even this)
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def digest(path: Path) -> tuple[str, int]:
@@ -100,11 +138,7 @@ def commit(tmp: Path, path: Path) -> None:
     with _manifest(path.parent, exclusive=False) as manifest:
         _append(manifest, line)
         os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(path.parent)
 
 
 def rename(src: Path, dst: Path) -> None:

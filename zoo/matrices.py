@@ -13,9 +13,7 @@ when its pack is in place, and it is rewritten whenever the pack is.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from safetensors.numpy import save_file
 
-from .integrity import commit, temporary_name, write_error
+from .integrity import write_atomically
 
 FORMAT = "zoo-weight-matrix-1"
 
@@ -43,20 +41,7 @@ def write_matrices(path: Path, checkpoints: pa.Table) -> None:
             flat = weights.take(pa.array(rows)).flatten().to_numpy(zero_copy_only=False)
             tensors[name] = np.ascontiguousarray(flat.reshape(len(rows), int(length)), dtype=np.float32)
             metadata[name] = json.dumps(ids[rows].tolist())
-    tmp = temporary_name(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # (safetensors creates it 0600; the Parquet packs beside it follow the umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        commit(tmp, path)
-    except Exception as e:  # (safetensors reports a full disk as its own error type)
-        raise write_error(path, e) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_rows(path: Path, model_ids: set[str], epoch: int) -> list[tuple[list[str], np.ndarray]]:

@@ -150,7 +150,8 @@ class _Walker:
             hidden.append(_Open(block.mlp[0].weight.shape[0], [Axis(p + "mlp.0.weight", 0), Axis(p + "mlp.0.bias", 0),
                                                               Axis(p + "mlp.2.weight", 1)]))
         stream.axes += [Axis("norm.weight", 0), Axis("norm.bias", 0), Axis("head.weight", 1)]
-        return [Group(g.size, tuple(g.axes)) for g in [stream, *hidden]]
+        self.groups, self.open = [stream, *hidden], None
+        return self.finish()
 
 
 def permute_state(state: StateDict, spec: PermutationSpec, perms: list[torch.Tensor]) -> StateDict:

@@ -44,7 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import ZooError
-from .integrity import commit, compact_manifest, rename, sweep_temporary, temporary_name, write_error
+from .integrity import compact_manifest, rename, sweep_temporary, temporary_name, write_atomically, write_error
 from .matrices import read_rows, write_matrices
 from .weights import TensorEntry, n_parameters, sha256
 
@@ -350,21 +350,9 @@ class Store:
 
     @staticmethod
     def _write_atomic(path: Path, data: pa.Table, **options) -> None:
-        tmp = temporary_name(path)
-        try:
-            pq.write_table(
-                data.replace_schema_metadata({**(data.schema.metadata or {}), b"zoo_schema_version": SCHEMA_VERSION.encode()}),
-                tmp,
-                **{"compression": "zstd", "write_page_checksum": True, **options},
-            )
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            commit(tmp, path)  # its checksum on record, then renamed into place
-        except OSError as e:
-            raise write_error(path, e) from None
-        finally:
-            with contextlib.suppress(OSError):  # (a read-only root refuses even this)
-                tmp.unlink(missing_ok=True)
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}), b"zoo_schema_version": SCHEMA_VERSION.encode()})
+        write_atomically(path, lambda tmp: pq.write_table(
+            data, tmp, **{"compression": "zstd", "write_page_checksum": True, **options}))
 
     # --- reading -------------------------------------------------------------------------
 
@@ -542,18 +530,17 @@ class Store:
         models, and compact the checksum manifests of the packed tables (of one zoo, or all);
         returns how many temporary files went."""
         removed = sweep_temporary(self.root)
-        resume = self.root / RESUME_DIR
-        for folder in ([resume / zoo] if zoo else [p for p in resume.iterdir() if p.is_dir()]) if resume.is_dir() else []:
+        for folder in _zoo_folders(self.root / RESUME_DIR, zoo):
             removed += sweep_temporary(folder)
-            stored = self.stored_ids("models", folder.name) if folder.is_dir() else set()
-            for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+            stored = self.stored_ids("models", folder.name)
+            for path in folder.glob("*.safetensors"):
                 if path.stem in stored:  # (its job was killed between storing the model and removing this)
                     path.unlink(missing_ok=True)
         for table_dir in (self.root / "tables").iterdir():
             removed += sweep_temporary(table_dir)
-            for folder in ([table_dir / zoo] if zoo else [p for p in table_dir.iterdir() if p.is_dir()]):
+            for folder in _zoo_folders(table_dir, zoo):
                 removed += sweep_temporary(folder)
-                if table_dir.name in PACKED_TABLES and folder.is_dir():
+                if table_dir.name in PACKED_TABLES:
                     compact_manifest(folder)
         return removed
 
@@ -581,9 +568,8 @@ class Store:
         file only, which queries do not read. Like a database replaying its journal on open;
         on a root this process cannot write, or while a packer runs (it finishes its own), nothing
         is done."""
-        zoos = sorted({d.name for table in PACKED_TABLES if self.table_dir(table).is_dir()
-                       for d in self.table_dir(table).iterdir()
-                       if d.is_dir() and next(d.glob(f"{PACK_PREFIX}*{PENDING}"), None) is not None})
+        zoos = sorted({d.name for table in PACKED_TABLES for d in _zoo_folders(self.table_dir(table), None)
+                       if next(d.glob(f"{PACK_PREFIX}*{PENDING}"), None) is not None})
         if not zoos:
             return
         with contextlib.suppress(OSError, ZooError, pa.ArrowException):  # (verify names a damaged pack)
@@ -630,6 +616,12 @@ class Store:
                 tmp.unlink(missing_ok=True)
                 tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
         return path
+
+
+def _zoo_folders(base: Path, zoo: str | None) -> list[Path]:
+    """The folder of `zoo` under `base`, or (None) every zoo's: those that exist."""
+    folders = [base / zoo] if zoo else (list(base.iterdir()) if base.is_dir() else [])
+    return [f for f in folders if f.is_dir()]
 
 
 def _model_ids(path: Path) -> list[str]:
