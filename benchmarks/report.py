@@ -10,8 +10,10 @@ copied anywhere or served as it is.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def write_report(z, out: str | Path) -> Path:
         (out / "img").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ZooError(f"cannot write the report to {out}: {e.strerror or e}") from None
+    _inside(out, out / "img")
     frame = results(z)
     frame = frame[frame["status"] == "ok"].copy()
     frame["label"] = _labels(frame)
@@ -51,30 +54,50 @@ def write_report(z, out: str | Path) -> Path:
     sections, contents = [], []
     for (task, zoo_name), rows in frame.groupby(["task", "zoo"], sort=True):
         sections.append(_section(z, task, zoo_name, rows, out))
-        contents.append(f"<li><a href='#{html.escape(task)}-{html.escape(zoo_name)}'>{html.escape(task)} on {html.escape(zoo_name)}</a></li>")
+        contents.append(f"<li><a href='#{_slug(task, zoo_name)}'>{html.escape(task)} on {html.escape(zoo_name)}</a></li>")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Zoo benchmarks</title>"
             f"<style>{STYLE}</style></head><body><h1>Zoo benchmarks</h1>"
             f"<p class='meta'>{html.escape(str(z.root))} &middot; built {stamp} from the stored results</p>"
             + "<ul>" + "".join(contents) + "</ul>" + "".join(sections) + "</body></html>")
-    index = out / "index.html"
+    index = _inside(out, out / "index.html")
     index.write_text(page)
     return index
+
+
+def _slug(*names: str) -> str:
+    """A file name (and HTML id) for names read from a zoo, which may hold anything ('../x',
+    '/etc/x', quotes): their letters, digits, '_' and '-', then a short hash of the raw names, so
+    two names never share one."""
+    raw = "\0".join(names)
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", "-".join(names)).strip("-")[:60]
+    return f"{readable}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
+
+
+def _inside(out: Path, path: Path) -> Path:
+    """`path`, after checking that it resolves inside the report folder (no link leads out)."""
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise ZooError(f"refused to write {path}: it resolves outside the report folder {out}")
+    return path
 
 
 def _section(z, task: str, zoo_name: str, rows: pd.DataFrame, out: Path) -> str:
     first = _metric_order(rows)[0]
     higher = bool(rows.loc[rows["metric"] == first, "higher_is_better"].iloc[0])
-    slug = f"{task}-{zoo_name}"
-    parts = [f"<h2 id='{html.escape(slug)}'>{html.escape(task)} on {html.escape(zoo_name)}</h2>",
+    slug = _slug(task, zoo_name)  # (names from the zoo never become path components as they are)
+    parts = [f"<h2 id='{slug}'>{html.escape(task)} on {html.escape(zoo_name)}</h2>",
              f"<p class='meta'>ranked by {html.escape(first)} ({'higher' if higher else 'lower'} is better); "
              f"version {int(rows['task_version'].iloc[0])}; code {html.escape(str(rows['code_version'].iloc[0]))}</p>"]
     named = ["task", "zoo"]  # (the heading names them)
     parts.append(render(leaderboard(z, task, None, zoo_name).drop(columns=named), "html"))
     parts.append("<h3>By phase</h3>" + render(leaderboard(z, task, "phase", zoo_name).drop(columns=named), "html"))
-    images = [_heatmap(rows, first, out / "img" / f"{slug}-methods-by-phase.png", task),
-              _phase_diagram(z, rows, first, higher, out / "img" / f"{slug}-phase-diagram.png", task, zoo_name),
-              _sweeps(rows, first, out / "img" / f"{slug}-sweeps.png", task)]
+
+    def png(kind: str) -> Path:
+        return _inside(out, out / "img" / f"{slug}-{kind}.png")
+
+    images = [_heatmap(rows, first, png("methods-by-phase"), task),
+              _phase_diagram(z, rows, first, higher, png("phase-diagram"), task, zoo_name),
+              _sweeps(rows, first, png("sweeps"), task)]
     for image in images:
         if image is not None:
             name, caption = image

@@ -18,12 +18,11 @@ from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 import zoo as zoo_package
 from zoo.api import Zoo
-from zoo.datasets import Data, load_dataset
+from zoo.datasets import Data
 from zoo.errors import ZooError
 from zoo.population import UNLABELLED, phase_labels
 from zoo.storage import SCHEMAS
@@ -53,7 +52,7 @@ class UnitContext:
         spec = self.zoo.spec(self.model_ids[0])
         key = json.dumps(spec.dataset, sort_keys=True)
         if key not in self._data:
-            self._data[key] = load_dataset(spec.dataset)
+            self._data[key] = self.zoo.data(self.model_ids[0])  # (never a path stored in the zoo)
         return self._data[key]
 
     def holdout(self) -> Holdout:
@@ -126,8 +125,8 @@ def run_task(z: Zoo, task: Task, zoo_name: str, methods: list[str] | None = None
                            "n_models": len(models)}, sort_keys=True)
     for call in calls:
         key = part_key(task, call)
-        path = z.store.part_path("benchmark_results", zoo_name, key)
-        stored = pq.read_table(path).to_pandas() if path.exists() else pd.DataFrame(columns=SCHEMAS["benchmark_results"].names)
+        stored = z.store.read_part("benchmark_results", zoo_name, key)
+        stored = stored.to_pandas() if stored is not None else pd.DataFrame(columns=SCHEMAS["benchmark_results"].names)
         done = set(stored.loc[stored["status"] == "ok", "unit"])
         kept = [stored[stored["unit"] == u.unit] for u in todo if u.unit in done]
         rows: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ from zoo.cli import main
 from zoo.errors import ZooError
 from zoo.launch import LaunchOptions
 from zoo.matrices import write_matrices
+from zoo.weights import sha256
 from zoo.storage import Store
 
 from .conftest import REPO
@@ -119,6 +120,8 @@ def test_nan_weights_give_nan_rows_and_a_warning(smoke_root, tmp_path):
     weights = [np.full(len(w), np.nan, dtype=np.float32) if m == model_id else w
                for m, w in zip(table.column("model_id").to_pylist(), table.column("weights").to_pylist())]
     table = table.set_column(table.schema.get_field_index("weights"), "weights", pa.array(weights, pa.list_(pa.float32())))
+    hashes = [sha256(np.asarray(w, dtype=np.float32)) for w in weights]  # (a model that diverged records its NaNs' hash)
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(hashes))
     pq.write_table(table, part)
     write_matrices(part.with_suffix(".safetensors"), table)  # the pack's N x P copy, as Store.pack writes it
     report = run_metrics(smoke_with(CHEAP), Store(root, create=True), ["spectral", "hessian", "cka"], "final",

@@ -70,12 +70,13 @@ def test_weights_load_as_one_matrix_in_the_requested_order(smoke_root):
         z.weights(ids, epoch=2)
 
 
-def test_export_writes_safetensors_with_metadata(smoke_root, tmp_path):
+def test_export_writes_safetensors_with_metadata(smoke_root, tmp_path, monkeypatch):
     from safetensors import safe_open
 
+    monkeypatch.chdir(tmp_path)
     z = zoo.open(smoke_root)
     model_id = z.models()["model_id"][0]
-    path = z.export(model_id, tmp_path / "m.safetensors")
+    path = z.export(model_id, "m.safetensors")
     model = z.load_model(model_id)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()

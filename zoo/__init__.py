@@ -51,8 +51,11 @@ def library_versions(*packages: str) -> dict[str, str]:
     return out
 
 
-def open(root=None):  # noqa: A001 - `zoo.open(root)` reads as a sentence, like `duckdb.connect`
-    """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data)."""
+def open(root=None, timeout: float | None = None, memory_limit: str | None = None):  # noqa: A001 - reads as a sentence, like `duckdb.connect`
+    """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data). Each query stops
+    after `timeout` seconds (default env ZOO_SQL_TIMEOUT_S, else 300); `memory_limit` caps DuckDB
+    (e.g. "2GB"; default env ZOO_SQL_MEMORY, else a quarter of RAM, at most 4 GB). Opening
+    writes nothing, except that it finishes packs a killed packer left pending (zoo.storage)."""
     from .api import Zoo
 
-    return Zoo(root)
+    return Zoo(root, timeout=timeout, memory_limit=memory_limit)

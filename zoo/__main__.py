@@ -1,5 +1,32 @@
+"""`python -m zoo` and the `zoo` command (zoo.cli holds the commands).
+
+Ctrl-C ends a command with one line and status 130 at any point, also during the imports, and
+also when the shell started the command with SIGINT ignored (a background job of a
+non-interactive shell). After an interrupt the process leaves without Python's interpreter
+teardown: DuckDB's threads may still be returning from the interrupted query, and the teardown
+would stop them mid-call (an abort). What was stored is written atomically, so nothing is lost.
+"""
+
+import os
+import signal
 import sys
 
-from .cli import main
 
-sys.exit(main())
+def run() -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        from .cli import main
+
+        status = main()
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        status = 130
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(run())

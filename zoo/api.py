@@ -23,7 +23,7 @@ from torch import nn
 from . import sql as zsql
 from .architectures import build_model
 from .catalog import ModelSpec
-from .datasets import Data, load_dataset
+from .datasets import Data, load_dataset, with_path
 from .errors import ZooError
 from .storage import Store, safe_name
 from .weights import TensorEntry, unflatten
@@ -32,10 +32,10 @@ from .weights import TensorEntry, unflatten
 class Zoo:
     """A zoo root opened for reading."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, timeout: float | None = None, memory_limit: str | None = None):
         self.store = Store(root)
         self.root = self.store.root
-        self._con = zsql.connect(self.store)
+        self._con = zsql.Connection(self.store, timeout=timeout, memory_limit=memory_limit)
         self._specs: dict[str, ModelSpec] = {}  # a model id is the hash of its config: safe to cache
 
     def __repr__(self) -> str:
@@ -44,7 +44,7 @@ class Zoo:
     def sql(self, query: str, params: list | dict | None = None) -> pd.DataFrame:
         """Run a read-only SQL query over the zoo's views; returns a DataFrame."""
         with self.store.reading():  # (no part file is removed or renamed during the query)
-            return zsql.run_query(self._con, query, params)
+            return self._con.query(query, params)
 
     def models(self, zoo: str | None = None) -> pd.DataFrame:
         where = "where zoo = ?" if zoo else ""
@@ -60,16 +60,28 @@ class Zoo:
         for model_id in wanted:
             safe_name("model id", model_id)
         if wanted:
-            rows = self.sql("select model_id, config from models where model_id in (select unnest(?))", [wanted])
-            self._specs.update({m: ModelSpec.from_json(c) for m, c in rows.itertuples(index=False)})
+            rows = self.sql("select model_id, config, n_params from models where model_id in (select unnest(?))", [wanted])
+            for model_id, config, n_params in rows.itertuples(index=False):
+                # a zoo may come from anyone: its configs are checked (bounds, budgets) before
+                # anything is built from them, and must describe the weights the table counts
+                try:
+                    spec = ModelSpec.from_json(config)
+                    if (counted := spec.count_parameters()) != n_params:
+                        raise ZooError(f"field 'architecture': {counted:,} parameters, "
+                                       f"but the models table says {n_params}")
+                except ZooError as e:
+                    raise ZooError(f"model {model_id!r} in {self.root}: stored config, {e}") from None
+                self._specs[model_id] = spec
         missing = [m for m in model_ids if m not in self._specs]
         if missing:
             raise ZooError(f"no model {missing[0]!r} in {self.root}")
         return {m: self._specs[m] for m in model_ids}
 
-    def data(self, model_id: str) -> Data:
-        """The data set (with its fixed split) that the model was trained on."""
-        return load_dataset(self.spec(model_id).dataset)
+    def data(self, model_id: str, path: str | os.PathLike | None = None) -> Data:
+        """The data set (with its fixed split) that the model was trained on. A `path` stored in
+        the model's config is never followed (a zoo may come from anyone): a data set read from a
+        folder is read from `path` if given, else from its default location (env, then ./data)."""
+        return load_dataset(with_path(self.spec(model_id).dataset, path))
 
     def load_model(self, model_id: str, epoch: int | None = None) -> nn.Module:
         """The model with its stored weights at `epoch` (default: the last), in eval mode."""
@@ -117,13 +129,16 @@ class Zoo:
 
     def export(self, model_id: str, path: str | os.PathLike, epoch: int | None = None) -> Path:
         """Write the model's state dict to a safetensors file, with its id, epoch and config as
-        metadata."""
+        metadata. `path` is relative to the working directory, without a `..` component: an
+        absolute path or one that climbs out is refused."""
         from safetensors.torch import save_file
 
+        path = Path(path)
+        if path.is_absolute() or ".." in path.parts:
+            raise ZooError(f"refused export path {str(path)!r}: give a path relative to the working directory, without '..'")
         spec = self.spec(model_id)
         epoch = spec.training.epochs if epoch is None else int(epoch)
         state = unflatten(self._vectors(spec.zoo, [model_id], epoch)[0], self._index(spec.zoo, model_id))
-        path = Path(path)
         metadata = {"model_id": model_id, "epoch": str(epoch), "config": spec.to_json()}
         try:
             save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)

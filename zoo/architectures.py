@@ -4,6 +4,12 @@ Each architecture declares its options (a pydantic model; unknown options are er
 built from (options, input_shape, n_classes). Initialisation draws from an explicit
 `torch.Generator`, never from torch's global RNG, so a model's initial weights depend on its seed
 alone and a population can be initialised model by model or all at once with the same result.
+
+A stored config comes from whoever made the zoo, so every numeric option has bounds, and each
+architecture also counts its parameters from its options, without torch and without building
+anything: a model over the parameter budget (env ZOO_MAX_PARAMS, default 1e9, 4 GB as float32;
+the largest shipped model, ResNet-50 at width 256 for TinyImageNet, has about 0.38e9) is refused
+in one line before any memory is allocated.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ZooError
+from .errors import ZooError, limit_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +28,9 @@ if TYPE_CHECKING:
 
 # torch is imported inside the builders, not here: the catalog validates options with this module,
 # and `zoo catalog` / `zoo sql` should not pay torch's import time.
+
+MAX_PARAMS = 1_000_000_000  # the default parameter budget (env ZOO_MAX_PARAMS)
+WIDE, DEEP = 1 << 16, 1000  # bounds of channel/embedding widths and of layer counts
 
 
 class ArchOptions(BaseModel):
@@ -33,16 +42,18 @@ class Architecture:
     name: str
     options: type[ArchOptions]
     build: Callable[[ArchOptions, tuple[int, ...], int], nn.Module]
+    count: Callable[[ArchOptions, tuple[int, ...], int], int]  # the parameters `build` would make
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(name: str, options: type[ArchOptions]):
-    """Register a builder `(options, input_shape, n_classes) -> nn.Module` under `name`."""
+def register_architecture(name: str, options: type[ArchOptions], count: Callable[[ArchOptions, tuple[int, ...], int], int]):
+    """Register a builder `(options, input_shape, n_classes) -> nn.Module` under `name`, with
+    `count`, the same signature, giving the number of parameters it builds (without torch)."""
 
     def wrap(build):
-        ARCHITECTURES[name] = Architecture(name, options, build)
+        ARCHITECTURES[name] = Architecture(name, options, build, count)
         return build
 
     return wrap
@@ -64,10 +75,36 @@ def build_model(arch_spec: dict, input_shape: tuple[int, ...], n_classes: int, s
 
     spec = dict(arch_spec)
     arch = get_architecture(spec.pop("name"))
-    model = arch.build(arch.options(**spec), tuple(input_shape), n_classes)
+    options = arch.options(**spec)
+    check_parameters(arch, options, tuple(input_shape), n_classes)
+    model = arch.build(options, tuple(input_shape), n_classes)
     if seed is not None:
         initialize(model, torch.Generator().manual_seed(seed))
     return model
+
+
+def check_parameters(arch: Architecture, options: ArchOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    """The model's parameter count, counted without building it; a ZooError over the budget."""
+    n, budget = arch.count(options, tuple(input_shape), n_classes), limit_from_env("ZOO_MAX_PARAMS", MAX_PARAMS)
+    if n > budget:
+        raise ZooError(f"{arch.name} with {_options_text(options)} has {n:,} parameters, "
+                       f"over the budget of {budget:,} (env ZOO_MAX_PARAMS)")
+    return n
+
+
+def _options_text(options: ArchOptions) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.model_dump().items())
+
+
+def _image(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ZooError(f"architecture {name} needs image inputs (C, H, W), got input shape {input_shape}")
+    return input_shape
+
+
+def _conv_bn(n_in: int, n_out: int, kernel: int) -> int:
+    """Parameters of a bias-free convolution and its BatchNorm."""
+    return n_in * n_out * kernel * kernel + 2 * n_out
 
 
 def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -92,12 +129,17 @@ def initialize(model: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 class MLPOptions(ArchOptions):
-    width: int = Field(32, ge=1, description="hidden units per layer")
-    depth: int = Field(2, ge=1, description="hidden layers")
+    width: int = Field(32, ge=1, le=1_000_000, description="hidden units per layer")
+    depth: int = Field(2, ge=1, le=DEEP, description="hidden layers")
     activation: Literal["relu", "tanh", "gelu"] = "relu"
 
 
-@register_architecture("mlp", MLPOptions)
+def count_mlp(o: MLPOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    sizes = [math.prod(input_shape)] + [o.width] * o.depth + [n_classes]
+    return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:]))
+
+
+@register_architecture("mlp", MLPOptions, count_mlp)
 def build_mlp(o: MLPOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """Flatten -> [Linear(width) -> activation] x depth -> Linear(n_classes)."""
     from torch import nn
@@ -113,20 +155,27 @@ def build_mlp(o: MLPOptions, input_shape: tuple[int, ...], n_classes: int) -> nn
 
 
 class CNNOptions(ArchOptions):
-    width: int = Field(16, ge=1, description="channels of the first block; block k has width * 2^k")
-    depth: int = Field(2, ge=1, description="conv blocks, each conv -> [BatchNorm] -> ReLU -> 2x2 max-pool")
+    width: int = Field(16, ge=1, le=WIDE, description="channels of the first block; block k has width * 2^k")
+    depth: int = Field(2, ge=1, le=16, description="conv blocks, each conv -> [BatchNorm] -> ReLU -> 2x2 max-pool")
     batchnorm: bool = True
-    kernel_size: int = Field(3, ge=1)
+    kernel_size: int = Field(3, ge=1, le=64)
 
 
-@register_architecture("cnn", CNNOptions)
+def count_cnn(o: CNNOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    channels, total = _image("cnn", input_shape)[0], 0
+    for k in range(o.depth):
+        out = o.width * 2**k
+        total += _conv_bn(channels, out, o.kernel_size) if o.batchnorm else channels * out * o.kernel_size**2 + out
+        channels = out
+    return total + channels * n_classes + n_classes
+
+
+@register_architecture("cnn", CNNOptions, count_cnn)
 def build_cnn(o: CNNOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """Small CNN: conv blocks (channels width, 2*width, ...), global average pool, linear head."""
     from torch import nn
 
-    if len(input_shape) != 3:
-        raise ZooError(f"architecture cnn needs image inputs (C, H, W), got input shape {input_shape}")
-    channels, size = input_shape[0], min(input_shape[1:])
+    channels, size = input_shape[0], min(_image("cnn", input_shape)[1:])
     if size < 2 ** (o.depth - 1):
         raise ZooError(f"architecture cnn: depth {o.depth} pools a {size}-pixel input below 1 pixel")
     layers: list[nn.Module] = []
@@ -147,11 +196,29 @@ def build_cnn(o: CNNOptions, input_shape: tuple[int, ...], n_classes: int) -> nn
 
 
 class ResNetOptions(ArchOptions):
-    width: int = Field(64, ge=1, description="channels of the first stage; stages have w, 2w, 4w, 8w (64: the standard ResNet)")
+    width: int = Field(64, ge=1, le=WIDE, description="channels of the first stage; stages have w, 2w, 4w, 8w (64: the standard ResNet)")
     depth: Literal[18, 50] = 18
 
 
-@register_architecture("resnet", ResNetOptions)
+def count_resnet(o: ResNetOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    bottleneck = o.depth == 50
+    channels = o.width
+    total = _conv_bn(_image("resnet", input_shape)[0], channels, 3)
+    for stage, n in enumerate([3, 4, 6, 3] if bottleneck else [2, 2, 2, 2]):
+        planes = o.width * 2**stage
+        out = planes * 4 if bottleneck else planes
+        for k in range(n):
+            if bottleneck:
+                total += _conv_bn(channels, planes, 1) + _conv_bn(planes, planes, 3) + _conv_bn(planes, out, 1)
+            else:
+                total += _conv_bn(channels, planes, 3) + _conv_bn(planes, planes, 3)
+            if (stage > 0 and k == 0) or channels != out:  # the projection shortcut
+                total += _conv_bn(channels, out, 1)
+            channels = out
+    return total + channels * n_classes + n_classes
+
+
+@register_architecture("resnet", ResNetOptions, count_resnet)
 def build_resnet(o: ResNetOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """ResNet-18 (basic blocks 2-2-2-2) or ResNet-50 (bottlenecks 3-4-6-3, expansion 4) for small
     images: a 3x3 stride-1 stem, no max-pool, stages of w, 2w, 4w, 8w channels (stride 2 from the
@@ -162,8 +229,7 @@ def build_resnet(o: ResNetOptions, input_shape: tuple[int, ...], n_classes: int)
 
     from ._resnet import BasicBlock, Bottleneck
 
-    if len(input_shape) != 3:
-        raise ZooError(f"architecture resnet needs image inputs (C, H, W), got input shape {input_shape}")
+    _image("resnet", input_shape)
     bottleneck = o.depth == 50
     blocks = [3, 4, 6, 3] if bottleneck else [2, 2, 2, 2]
     expansion = 4 if bottleneck else 1
@@ -183,22 +249,30 @@ def build_resnet(o: ResNetOptions, input_shape: tuple[int, ...], n_classes: int)
 
 
 class ViTOptions(ArchOptions):
-    width: int = Field(192, ge=1, description="embedding dimension (the load axis)")
-    depth: int = Field(6, ge=1, description="transformer blocks")
-    heads: int = Field(4, ge=1)
-    patch_size: int = Field(4, ge=1)
-    mlp_ratio: int = Field(2, ge=1)
+    width: int = Field(192, ge=1, le=WIDE, description="embedding dimension (the load axis)")
+    depth: int = Field(6, ge=1, le=DEEP, description="transformer blocks")
+    heads: int = Field(4, ge=1, le=1024)
+    patch_size: int = Field(4, ge=1, le=1024)
+    mlp_ratio: int = Field(2, ge=1, le=64)
 
 
-@register_architecture("vit", ViTOptions)
+def count_vit(o: ViTOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    channels, height, width = _image("vit", input_shape)
+    d, hidden = o.width, o.mlp_ratio * o.width
+    n_patches = (height // o.patch_size) * (width // o.patch_size)
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)  # norms, attention, MLP
+    embedding = channels * d * o.patch_size**2 + d + d + (n_patches + 1) * d  # patches, class token, positions
+    return embedding + o.depth * block + 2 * d + d * n_classes + n_classes
+
+
+@register_architecture("vit", ViTOptions, count_vit)
 def build_vit(o: ViTOptions, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """Patch embedding (a strided convolution), a class token and learned position embeddings,
     pre-norm transformer blocks (multi-head self-attention, GELU MLP), a final LayerNorm, and a
     linear head on the class token."""
     from ._vit import ViT
 
-    if len(input_shape) != 3:
-        raise ZooError(f"architecture vit needs image inputs (C, H, W), got input shape {input_shape}")
+    _image("vit", input_shape)
     if o.width % o.heads:
         raise ZooError(f"architecture vit: width {o.width} is not divisible by heads {o.heads}")
     if input_shape[1] % o.patch_size or input_shape[2] % o.patch_size:

@@ -8,6 +8,14 @@ and whenever it is trained.
 
 Errors are `CatalogError`s naming the zoo and the field, e.g.
 `catalog.yaml: zoo 'smoke', field 'training.lr': Input should be greater than 0`.
+
+A `ModelSpec` is also read back from a zoo's `models` table, and a zoo may come from anyone. So a
+spec is checked whenever one is made (from the catalog or from stored JSON), before anything is
+built or loaded: every option within the bounds its architecture or data set declares, seeds in
+0..2^63-1, the input shape and class count those of the data set, and the model's parameter
+count and a generated data set's size (both counted from the options, nothing allocated) within
+their budgets (env ZOO_MAX_PARAMS, ZOO_MAX_DATA_VALUES). A stored spec that fails is a one-line
+`ConfigError` naming the field. The checks add no field, so every model id stays as it was.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .architectures import get_architecture
-from .datasets import describe_dataset, get_dataset_type
+from .architectures import check_parameters, get_architecture
+from .datasets import MAX_SEED, check_data_size, describe_dataset, get_dataset_type
 from .errors import CatalogError, ZooError
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
@@ -52,7 +60,7 @@ class Training(Strict):
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine", "onecycle", "step"] = "constant"
-    epochs: int = Field(ge=1)
+    epochs: int = Field(ge=1, le=100_000)
     batch_size: int = Field(32, ge=1)
     steps_per_epoch: int | None = Field(
         None, ge=1, description="fixed SGD steps per epoch (a data-size axis then keeps the step budget)"
@@ -92,7 +100,7 @@ class ZooConfig(Strict):
     architecture: dict[str, Any]
     load: Axis
     temperature: Axis
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
     training: Training
     checkpoints: list[int] = Field(min_length=1, description="epochs to store; must hold 0 and the last (or: every)")
     metrics: dict[str, Any] = Field(default_factory=dict, description="settings of the metric families")
@@ -141,7 +149,7 @@ class ModelSpec(Strict):
     dataset: dict[str, Any]
     architecture: dict[str, Any]
     training: Training
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
     checkpoints: list[int]
     load_name: str
     load: float
@@ -149,6 +157,29 @@ class ModelSpec(Strict):
     temperature: float
     input_shape: list[int]
     n_classes: int
+
+    @model_validator(mode="after")
+    def _within_bounds(self):
+        """Options within their bounds, the input shape and classes the data set's, the model and
+        its data within their budgets: all from the options, before anything is built or loaded."""
+        data_kind, data_options = _section_options(self, "dataset", get_dataset_type)
+        arch, arch_options = _section_options(self, "architecture", get_architecture)
+        shape, n_classes = data_kind.describe(data_options)
+        if list(shape) != self.input_shape or n_classes != self.n_classes:
+            raise ConfigError("input_shape", f"input shape {self.input_shape} and {self.n_classes} classes are not "
+                                             f"those of the data set ({list(shape)}, {n_classes})")
+        for field, check in (("dataset", lambda: check_data_size(data_kind, data_options)),
+                             ("architecture", lambda: check_parameters(arch, arch_options, tuple(shape), n_classes))):
+            try:
+                check()
+            except ZooError as e:
+                raise ConfigError(field, str(e)) from None
+        return self
+
+    def count_parameters(self) -> int:
+        """The model's parameter count (buffers not included), from its options: nothing is built."""
+        arch, options = _section_options(self, "architecture", get_architecture)
+        return arch.count(options, tuple(self.input_shape), self.n_classes)
 
     @property
     def model_id(self) -> str:
@@ -163,7 +194,14 @@ class ModelSpec(Strict):
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        return cls.model_validate_json(text)
+        """A spec from its JSON, as a zoo stores it; malformed or out of bounds: a ConfigError."""
+        if not isinstance(text, (str, bytes)):
+            raise ConfigError("config", f"expected JSON text, got {type(text).__name__}")
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            field, message = first_error(e)
+            raise ConfigError(field or "config", message) from None
 
     def hyperparameters(self) -> dict[str, tuple[Any, type]]:
         """Every hyperparameter as one flat mapping name -> (value, declared type), the models
@@ -191,6 +229,33 @@ def _scalar_type(annotation) -> type:
         if kind in args:
             return kind
     return str
+
+
+class ConfigError(ZooError):
+    """A model config out of bounds or malformed: one line naming the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field {field!r}: {message}")
+        self.field, self.message = field, message
+
+
+def _section_options(spec: ModelSpec, section: str, lookup):
+    """(registered type, validated options) of a spec's 'dataset' or 'architecture' section."""
+    values = dict(getattr(spec, section))
+    name = values.pop("name", None)
+    try:
+        kind = lookup(name) if isinstance(name, str) else None
+    except ZooError as e:
+        raise ConfigError(f"{section}.name", str(e)) from None
+    if kind is None:
+        raise ConfigError(f"{section}.name", "required: the registered name")
+    try:
+        return kind, kind.options(**values)
+    except ValidationError as e:
+        field, message = first_error(e, section)
+        value = e.errors()[0].get("input")
+        shown = f" (got {value})" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise ConfigError(field, message + shown) from None
 
 
 class _FieldError(ValueError):
@@ -317,7 +382,7 @@ def _check_resolvable(zoo: ZooConfig, where: str) -> None:
             try:
                 spec = _resolve(zoo, load, temperature, zoo.seeds[0])
             except (ValidationError, ZooError) as e:
-                reason = _describe(e, prefix=None) if isinstance(e, ValidationError) else str(e)
+                reason = _describe(e, prefix=None) if isinstance(e, ValidationError) else getattr(e, "message", str(e))
                 raise CatalogError(f"{where}, field '{axis_field}.values' ({axis.name}={value}): {reason}") from None
     if zoo.training.augmentation != "none" and len(spec.input_shape) != 3:
         raise CatalogError(f"{where}, field 'training.augmentation': {spec.dataset['name']} is not an image data set")

@@ -92,11 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", parents=[common], help="check every file and weight hash; quarantine damaged files")
     v.add_argument("zoo", nargs="?", help="only this zoo's files (default: the whole root)")
     v.add_argument("--report-only", action="store_true", help="report damage, move nothing")
+    v.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="wait at most S seconds for a query or writer that holds the root, then give up (default 60)")
 
     q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
     q.add_argument("query")
     q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     q.add_argument("--out", type=Path, help="write to FILE instead of standard output (required for parquet)")
+    q.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="stop the query after S seconds (default: env ZOO_SQL_TIMEOUT_S, else 300)")
+    q.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="DuckDB's memory limit, e.g. 2GB (default: env ZOO_SQL_MEMORY, else a quarter of RAM, at most 4 GB)")
     return parser
 
 
@@ -159,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("zoo: interrupted; what was stored is kept, and a rerun goes on from there", file=sys.stderr)
+        stored = "" if args.command in READERS else "; what was stored is kept, and a rerun goes on from there"
+        print(f"zoo: interrupted{stored}", file=sys.stderr)
         return 130
+
+
+READERS = {"sql", "catalog", "status", "phases", "plot", "leaderboard", "report", "tasks"}  # (write nothing to a root)
 
 
 def cmd_catalog(args) -> int:
@@ -229,7 +239,9 @@ def cmd_verify(args) -> int:
     store = Store(args.root or default_root())
     if args.zoo:
         safe_name("zoo name", args.zoo)
-    report = verify(store, args.zoo, repair=not args.report_only)
+    if not 0 < args.timeout < float("inf"):
+        raise ZooError("--timeout takes a positive number of seconds")
+    report = verify(store, args.zoo, repair=not args.report_only, timeout=args.timeout)
     for line in describe(report, store.root):
         print(line)
     return 0 if report.intact else 1
@@ -241,9 +253,12 @@ def cmd_sql(args) -> int:
     if args.format == "parquet" and not args.out:
         raise ZooError("--format parquet needs --out FILE")
     store = Store(args.root or default_root())
-    con = zsql.connect(store)
-    with store.reading():
-        frame = zsql.run_query(con, args.query)
+    con = zsql.Connection(store, timeout=args.timeout, memory_limit=args.memory_limit)
+    try:
+        with store.reading():
+            frame = con.query(args.query)
+    finally:
+        con.close()
     if args.format == "parquet":
         try:
             frame.to_parquet(args.out, index=False)

@@ -16,6 +16,12 @@ data), and loads as float32 / int64 tensors. Nothing downloads: each source exis
 
 `train_size` (every data set) keeps the first n training samples of the fixed order, so a smaller
 training set is always a subset of a larger one.
+
+A stored config comes from whoever made the zoo, so every numeric option has bounds, and a data
+set generated from its options (teacher-student) says how many values it would generate: over
+the data budget (env ZOO_MAX_DATA_VALUES, default 2.5e8, about 2 GB as float64) it is refused in
+one line before anything is allocated. Data sets read from files are as large as their files;
+the API never follows a `path` stored in a zoo (`Zoo.data`).
 """
 
 from __future__ import annotations
@@ -32,17 +38,21 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ZooError
+from .errors import ZooError, limit_from_env
 
 if TYPE_CHECKING:
     import torch
+
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 and seed numpy's and torch's generators
+MAX_SAMPLES = 10**8  # the bound of a sample-count option
+MAX_DATA_VALUES = 250_000_000  # the default data budget (env ZOO_MAX_DATA_VALUES)
 
 
 class Options(BaseModel):
     """Options common to every data set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    train_size: int | None = Field(None, ge=1, description="keep the first n training samples")
+    train_size: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="keep the first n training samples")
 
 
 @dataclass(frozen=True)
@@ -68,16 +78,18 @@ class DatasetType:
     describe: Callable[[Options], tuple[tuple[int, ...], int]]  # -> (input_shape, n_classes)
     load: Callable[[Options], Data]
     is_image: bool
+    size: Callable[[Options], int] | None = None  # values a generated data set makes (None: read from files)
 
 
 DATASETS: dict[str, DatasetType] = {}
 
 
-def register_dataset(name: str, options: type[Options], describe, is_image: bool):
-    """Register a loader under `name`: `@register_dataset("digits", DigitsOptions, ...)`."""
+def register_dataset(name: str, options: type[Options], describe, is_image: bool, size=None):
+    """Register a loader under `name`: `@register_dataset("digits", DigitsOptions, ...)`; a data
+    set generated from its options gives `size`, options -> the number of values it generates."""
 
     def wrap(load):
-        DATASETS[name] = DatasetType(name, options, describe, load, is_image)
+        DATASETS[name] = DatasetType(name, options, describe, load, is_image, size)
         return load
 
     return wrap
@@ -99,7 +111,26 @@ def load_dataset(spec: dict) -> Data:
 def _load_cached(key: str) -> Data:
     spec = dict(json.loads(key))
     kind = get_dataset_type(spec.pop("name"))
-    return kind.load(kind.options(**spec))
+    options = kind.options(**spec)
+    check_data_size(kind, options)
+    return kind.load(options)
+
+
+def check_data_size(kind: DatasetType, options: Options) -> None:
+    """A ZooError when a generated data set would be over the data budget."""
+    n, budget = (kind.size(options) if kind.size else 0), limit_from_env("ZOO_MAX_DATA_VALUES", MAX_DATA_VALUES)
+    if n > budget:
+        raise ZooError(f"{kind.name} would generate {n:,} values, over the budget of {budget:,} (env ZOO_MAX_DATA_VALUES)")
+
+
+def with_path(spec: dict, path: str | os.PathLike | None) -> dict:
+    """The dataset spec with its `path` option replaced by `path` (None: the data set's default
+    location). For a spec read from a zoo, whose stored `path` is never followed."""
+    if "path" in get_dataset_type(spec["name"]).options.model_fields:
+        return {**spec, "path": None if path is None else os.fspath(path)}
+    if path is not None:
+        raise ZooError(f"dataset {spec['name']} is not read from a folder: it takes no path")
+    return dict(spec)
 
 
 def describe_dataset(spec: dict) -> tuple[tuple[int, ...], int]:
@@ -122,7 +153,7 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, name: str):
 
 class DigitsOptions(Options):
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 @register_dataset("digits", DigitsOptions, lambda o: ((1, 8, 8), 10), is_image=True)
@@ -201,17 +232,25 @@ def load_fashion_mnist(o: FashionMnistOptions) -> Data:
 
 
 class TeacherStudentOptions(Options):
-    n_features: int = Field(32, ge=1)
-    n_classes: int = Field(10, ge=2)
-    teacher_width: int = Field(64, ge=1)
-    train_size: int | None = Field(4096, ge=1)
-    test_size: int = Field(2048, ge=1)
+    n_features: int = Field(32, ge=1, le=100_000)
+    n_classes: int = Field(10, ge=2, le=100_000)
+    teacher_width: int = Field(64, ge=1, le=100_000)
+    train_size: int | None = Field(4096, ge=1, le=MAX_SAMPLES)
+    test_size: int = Field(2048, ge=1, le=MAX_SAMPLES)
     label_noise: float = Field(0.0, ge=0, le=1, description="fraction of training labels replaced at random")
-    data_seed: int = 0
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+def teacher_student_size(o: TeacherStudentOptions) -> int:
+    """The values it generates: the teacher's weights, and per sample its inputs, the teacher's
+    hidden units and its class scores."""
+    samples = (o.train_size or 4096) + o.test_size
+    return o.teacher_width * (o.n_features + o.n_classes) + samples * (o.n_features + o.teacher_width + o.n_classes)
 
 
 @register_dataset(
-    "teacher-student", TeacherStudentOptions, lambda o: ((o.n_features,), o.n_classes), is_image=False
+    "teacher-student", TeacherStudentOptions, lambda o: ((o.n_features,), o.n_classes), is_image=False,
+    size=teacher_student_size,
 )
 def load_teacher_student(o: TeacherStudentOptions) -> Data:
     import torch

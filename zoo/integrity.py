@@ -236,6 +236,7 @@ def pid_alive(pid: int) -> bool:
 class Damage:
     path: Path  # relative to the root
     problem: str
+    moved: Path | None = None  # where it went in quarantine/ (None: not moved, or gone already)
 
 
 @dataclass
@@ -249,6 +250,8 @@ class Verification:
     quarantined: list[Path] = field(default_factory=list)
     unstored: dict[str, list[str]] = field(default_factory=dict)  # zoo -> model ids to retrain
     swept: int = 0
+    repaired: bool = False  # False: --report-only, nothing was moved
+    index_rewritten: bool = False  # zoo.duckdb was written anew (a planted one replaced)
 
     @property
     def intact(self) -> bool:
@@ -302,13 +305,38 @@ def _check_safetensors(path: Path) -> None:
 
 
 def quarantine(root: Path, path: Path, problem: str) -> Path:
-    """Move a damaged file out of the tables into root/quarantine (same relative path, with a
-    time stamp), and log why in quarantine/log.tsv."""
+    """Move a damaged file (or a link, or a folder: the entry itself, never a link's target) out
+    of the tables into root/quarantine (same relative path, with a time stamp), and log why in
+    quarantine/log.tsv. Nothing is written through a link: a `quarantine` that is one is itself
+    moved into a real folder first, and one further down is refused in one line."""
     relative = path.relative_to(root)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    target = root / QUARANTINE / relative.parent / f"{relative.name}.{stamp}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
-    with open(root / QUARANTINE / "log.tsv", "a") as log:
+    base = root / QUARANTINE
+    if base.is_symlink():
+        aside, moved = temporary_name(base), base / f"{QUARANTINE}.{stamp}"
+        os.replace(base, aside)
+        base.mkdir()
+        os.replace(aside, moved)
+        _log(root, stamp, Path(QUARANTINE), moved, problem if path == base else "a link in place of quarantine/")
+        if path == base:
+            return moved
+    target = base / relative.parent / f"{relative.name}.{stamp}"
+    if not target.parent.resolve().is_relative_to(base.resolve()):
+        raise StorageError(f"cannot quarantine {relative}: {target.parent} leads out of the root through a link; remove that link and rerun")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    except OSError as e:
+        raise write_error(target, e) from None
+    return _log(root, stamp, relative, target, problem)
+
+
+def _log(root: Path, stamp: str, relative: Path, target: Path, problem: str) -> Path:
+    path = root / QUARANTINE / "log.tsv"
+    try:  # (O_NOFOLLOW: never append through a planted link)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e} (a link there? remove it and rerun)") from None
+    with open(fd, "a") as log:
         log.write(f"{stamp}\t{relative}\t{target.relative_to(root)}\t{problem}\n")
     return target

@@ -14,6 +14,7 @@ when its pack is in place, and it is rewritten whenever the pack is.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -54,8 +55,12 @@ def read_rows(path: Path, model_ids: set[str], epoch: int) -> list[tuple[list[st
     only their pages: the matrix is memory-mapped at the offset the header gives (the
     safetensors layout: 8-byte little-endian header size, JSON header, raw data)."""
     with open(path, "rb") as f:
+        data_end = os.fstat(f.fileno()).st_size
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > data_end - 8:  # (a file from elsewhere may claim anything: check before reading)
+            raise ValueError(f"{path.name}: a header of {size} bytes in a file of {data_end}")
         header = json.loads(f.read(size))
+    data_end -= 8 + size
     metadata = header.pop("__metadata__", {})
     if metadata.get("format") != FORMAT:
         return []
@@ -68,8 +73,11 @@ def read_rows(path: Path, model_ids: set[str], epoch: int) -> list[tuple[list[st
         rows = [i for i, m in enumerate(ids) if m in model_ids]
         if not rows:
             continue
-        begin, _ = info["data_offsets"]
-        matrix = np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=tuple(info["shape"]))
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if len(shape) != 2 or len(ids) != shape[0] or not 0 <= begin <= end <= data_end or end - begin != 4 * shape[0] * shape[1]:
+            raise ValueError(f"{path.name}: matrix {name} has offsets {begin}..{end} and shape {shape} for {len(ids)} rows")
+        matrix = np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=shape)
         # all rows: the memory map itself (the caller copies once, into place); some: a gather
         block = matrix if len(rows) == len(ids) else matrix[np.asarray(rows)]
         blocks.append(([ids[i] for i in rows], block))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 
 from .catalog import ZooConfig
 from .integrity import pid_alive
@@ -62,9 +61,7 @@ def zoo_status(zoo: ZooConfig, store: Store, sacct_timeout: float = 30.0) -> Zoo
 
 
 def _latest_jobs(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
-    folder = store.zoo_dir("jobs", zoo)
-    parts = sorted(str(p) for p in folder.glob("*.parquet")) if folder.is_dir() else []
-    table = pq.ParquetDataset(parts).read() if parts else None
+    table = store.read_zoo("jobs", zoo)
     if table is None or not len(table):
         return {}
     rows = table.sort_by([("submitted_at", "ascending"), ("run", "ascending")]).to_pylist()
@@ -72,12 +69,9 @@ def _latest_jobs(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
 
 
 def _failures(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
-    folder = store.zoo_dir("failures", zoo)
-    out = {}
-    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
-        for r in pq.read_table(path).to_pylist():
-            out[r["model_id"]] = (r["job_id"], (r["error"] or "").splitlines()[0] if r["error"] else "")
-    return out
+    table = store.read_zoo("failures", zoo)
+    rows = table.sort_by("failed_at").to_pylist() if table is not None else []
+    return {r["model_id"]: (r["job_id"], (r["error"] or "").splitlines()[0] if r["error"] else "") for r in rows}
 
 
 def _slurm_states(job_ids: list[str], timeout: float) -> dict[str, str]:

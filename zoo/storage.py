@@ -27,10 +27,13 @@ reader ever sees half a file. Nothing here unpickles anything.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import re
+import struct
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,9 +46,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import ZooError
+from .errors import ZooError, one_line
 from .integrity import compact_manifest, rename, sweep_temporary, temporary_name, write_atomically, write_error
 from .matrices import read_rows, write_matrices
+from .rootfs import UnsafePath, entries
 from .weights import TensorEntry, n_parameters, sha256
 
 if TYPE_CHECKING:
@@ -225,6 +229,15 @@ MATRIX_SUFFIX = ".safetensors"  # a checkpoint pack's weight matrices (zoo.matri
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def part_key(name: str) -> str | None:
+    """The key (model id) of a per-model part's file name, or None if the name is not one (a
+    pack, a temporary file, or a name no writer makes: `zoo verify` quarantines those)."""
+    if not name.endswith(".parquet") or name.startswith(PACK_PREFIX):
+        return None
+    key = name[: -len(".parquet")]
+    return key if _SAFE_NAME.match(key) and ".." not in key else None
+
+
 def safe_name(kind: str, name: str) -> str:
     """A zoo name or model id used as a path component: no separators, no '..', no hidden files."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
@@ -233,13 +246,17 @@ def safe_name(kind: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, wait: bool = False):
+def _exclusive_lock(path: Path, wait: bool = False, timeout: float | None = None):
     """Yields True while holding an exclusive lock on `path`, False if another process holds it
-    (with `wait`, waits for it). The OS releases the lock when its holder dies, so a killed
-    packer never blocks the next."""
-    with open(path, "a") as handle:
+    (with `wait`, waits for it: for ever, or at most `timeout` seconds, then raises `_flock`'s
+    one-line ZooError). The OS releases the lock when its holder dies, so a killed packer never
+    blocks the next."""
+    with _lock_file(path) as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            if wait:
+                _flock(handle, path, fcntl.LOCK_EX, timeout)
+            else:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             yield False
             return
@@ -250,17 +267,47 @@ def _exclusive_lock(path: Path, wait: bool = False):
 
 
 @contextlib.contextmanager
-def _shared_lock(path: Path, exclusive: bool = False):
-    """Holds a shared (or exclusive) lock on `path` until the block ends, waiting for it. On a
-    root that cannot be written (a read-only mount) nothing can change under a reader: no lock."""
+def _shared_lock(path: Path, exclusive: bool = False, timeout: float | None = None):
+    """Holds a shared (or exclusive) lock on `path` until the block ends, waiting for it (at most
+    `timeout` seconds, if given). On a root that cannot be written (a read-only mount) nothing can
+    change under a reader: no lock."""
     try:
-        handle = open(path, "a")
+        handle = _lock_file(path)
+    except UnsafePath:
+        raise
     except OSError:
         yield
         return
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        _flock(handle, path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout)
         yield
+
+
+def _lock_file(path: Path):
+    """The lock file, opened (created if absent) without following a link: a root from elsewhere
+    may hold a `.read.lock` that points at a file outside it, which must not be created."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePath(f"refused: {path} is a symbolic link (run `zoo verify --root {path.parent}` "
+                             "to move it to quarantine/)") from None
+        raise
+    return os.fdopen(fd, "a")
+
+
+def _flock(handle, path: Path, kind: int, timeout: float | None) -> None:
+    """Take the lock `kind` on `handle`: waiting for ever (timeout None), or polling until
+    `timeout` seconds have passed, then one line saying who holds the root."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return fcntl.flock(handle, kind | (0 if deadline is None else fcntl.LOCK_NB))
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ZooError(f"another zoo command (a query, an API reader or a writer) holds {path.parent}; "
+                               f"gave up after {timeout:g} s: retry when it has finished") from None
+            time.sleep(0.05)
 
 
 def default_root() -> Path:
@@ -312,14 +359,24 @@ class Store:
         """Where the training state of a model in training is saved (generators/resume.py)."""
         return self.root / RESUME_DIR / safe_name("zoo name", zoo) / f"{safe_name('model id', model_id)}.safetensors"
 
-    def glob(self, table: str) -> str:
-        return str(self.table_dir(table) / "**" / "*.parquet")
-
     def tables(self) -> list[str]:
         """Tables present in this root: folders holding at least one Parquet file (a writer killed
         between creating a table's folder and committing its first file leaves an empty one)."""
-        return sorted(p.name for p in (self.root / "tables").iterdir()
-                      if p.is_dir() and ((p / "_empty.parquet").exists() or next(p.rglob("*.parquet"), None)))
+        return sorted(folder.name for folder in self.folders(self.root / "tables") if self._holds_parquet(folder))
+
+    def _holds_parquet(self, folder: Path) -> bool:
+        return "_empty.parquet" in self.names(folder) or any(self._holds_parquet(f) for f in self.folders(folder))
+
+    def names(self, folder: Path) -> set[str]:
+        """The names of the regular files in `folder` (none if it is absent). Every reader lists a
+        folder of the root through this or `folders`: a symbolic link (to a file or a folder, on
+        the way to `folder` or in it), a named pipe or a device is refused in one line, since a
+        root may come from someone else (zoo.rootfs)."""
+        return {e.name for e in entries(self.root, folder) if e.is_file(follow_symlinks=False)}
+
+    def folders(self, folder: Path) -> list[Path]:
+        """The subfolders of `folder`, checked like `names`."""
+        return sorted(Path(e.path) for e in entries(self.root, folder) if e.is_dir(follow_symlinks=False))
 
     # --- writing -------------------------------------------------------------------------
 
@@ -359,27 +416,38 @@ class Store:
     def stored_ids(self, table: str, zoo: str) -> set[str]:
         """Ids with a part in `table` for `zoo` (for `models`: the stored models), including the
         models in packs, finished or pending."""
-        folder = self.zoo_dir(table, zoo)
-        if not folder.is_dir():
-            return set()
         with self.reading():
-            return self._stored_ids(folder)
+            return self._stored_ids(self.zoo_dir(table, zoo))
 
-    @staticmethod
-    def _stored_ids(folder: Path) -> set[str]:
+    def _stored_ids(self, folder: Path) -> set[str]:
         ids = set()
-        for path in folder.iterdir():
-            if path.name.startswith(PACK_PREFIX) and path.name.endswith((".parquet", PENDING)):
-                ids.update(_model_ids(path))
-            elif path.name.endswith(".parquet") and not path.name.startswith("."):
-                ids.add(path.name[: -len(".parquet")])
+        for name in self.names(folder):
+            if name.startswith(PACK_PREFIX) and name.endswith((".parquet", PENDING)):
+                ids.update(_model_ids(folder / name))
+            elif part_key(name):
+                ids.add(part_key(name))
         return ids
+
+    def read_part(self, table: str, zoo: str, key: str) -> pa.Table | None:
+        """The rows of one part (None if it is absent), read under the read lock."""
+        folder = self.zoo_dir(table, zoo)
+        with self.reading(), _damage_named(folder):
+            name = self.part_path(table, zoo, key).name
+            return pq.read_table(folder / name) if name in self.names(folder) else None
+
+    def read_zoo(self, table: str, zoo: str) -> pa.Table | None:
+        """Every row of `table` for `zoo` (its parts and packs; None if it has none), read under
+        the read lock."""
+        folder = self.zoo_dir(table, zoo)
+        with self.reading(), _damage_named(folder):
+            files = sorted(str(folder / n) for n in self.names(folder) if n.endswith(".parquet") and not n.startswith("."))
+            return pq.ParquetDataset(files).read() if files else None
 
     def read_model_rows(self, table: str, zoo: str, model_ids: list[str], columns: list[str] | None = None,
                         filter: pc.Expression | None = None) -> pa.Table:
         """The rows of `table` for the models `model_ids` of `zoo`, from their per-model parts
         and from packs (only the needed row groups of a pack are read)."""
-        with self.reading():
+        with self.reading(), _damage_named(self.zoo_dir(table, zoo)):
             return self._read_model_rows(table, zoo, model_ids, columns, filter)
 
     def _read_model_rows(self, table, zoo, model_ids, columns, filter) -> pa.Table:
@@ -387,7 +455,7 @@ class Store:
         for model_id in model_ids:
             safe_name("model id", model_id)
         # one listing of the folder, not a stat per model (10,000 stats cost 0.2 s here)
-        present = set(os.listdir(folder)) if folder.is_dir() else set()
+        present = self.names(folder)
         singles = [m for m in model_ids if f"{m}.parquet" in present]
         packed = sorted(set(model_ids) - set(singles))
         pieces = []
@@ -414,18 +482,22 @@ class Store:
         """The flat weights of `model_ids` at `epoch` as one (N, n_values) float32 matrix in the
         given order, and the ids that have no such checkpoint (their rows are zero). Packed
         models come from the packs' weight matrices (`zoo.matrices`), the rest from Parquet."""
-        with self.reading():
+        with self.reading(), _damage_named(self.zoo_dir("checkpoints", zoo)):
             return self._read_weights(zoo, model_ids, epoch)
 
     def _read_weights(self, zoo: str, model_ids: list[str], epoch: int) -> tuple[np.ndarray | None, list[str]]:
         folder = self.zoo_dir("checkpoints", zoo)
         wanted = set(model_ids)
         blocks: list[tuple[list[str], np.ndarray]] = []
-        names = set(os.listdir(folder)) if folder.is_dir() else set()
+        names = self.names(folder)
         for name in sorted(names):
             if name.startswith(PACK_PREFIX) and name.endswith(MATRIX_SUFFIX) and wanted:
-                if name[: -len(MATRIX_SUFFIX)] + ".parquet" in names:  # only beside a pack in place
-                    for ids, block in read_rows(folder / name, wanted, epoch):
+                pack = name[: -len(MATRIX_SUFFIX)] + ".parquet"
+                if pack in names:  # only beside a pack in place
+                    found = read_rows(folder / name, wanted, epoch)
+                    if found:
+                        _check_hashes(folder / name, folder / pack, found, epoch)
+                    for ids, block in found:
                         blocks.append((ids, block))
                         wanted.difference_update(ids)
         if wanted:
@@ -453,19 +525,23 @@ class Store:
 
     # --- packing -------------------------------------------------------------------------
 
-    def reading(self):
+    # Each lock below waits for ever, or at most `timeout` seconds (default: the store's
+    # `lock_timeout`, if one was set, as `zoo verify --timeout` does), then raises a one-line ZooError.
+
+    def reading(self, timeout: float | None = None):
         """Held by every read (SQL queries, stored ids, rows, weights): files are removed or
         renamed only between reads, so a reader never finds a listed file gone, a model in two
         files at once, or in none (the lock is `.read.lock`; a query holds it for its duration)."""
-        return _shared_lock(self.root / ".read.lock")
+        return _shared_lock(self.root / ".read.lock", timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
 
-    def removing(self):
+    def removing(self, timeout: float | None = None):
         """Held, exclusively and briefly, while part files are removed or packs renamed."""
-        return _shared_lock(self.root / ".read.lock", exclusive=True)
+        return _shared_lock(self.root / ".read.lock", exclusive=True,
+                            timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
 
-    def packing(self, wait: bool = False):
+    def packing(self, wait: bool = False, timeout: float | None = None):
         """The packer's lock: whoever holds it may rewrite and remove packs."""
-        return _exclusive_lock(self.root / ".pack.lock", wait)
+        return _exclusive_lock(self.root / ".pack.lock", wait, getattr(self, "lock_timeout", None) if timeout is None else timeout)
 
     def pack(self, zoo: str) -> int:
         """Merge the per-model parts of `zoo`'s stored models into pack files (at most about
@@ -483,7 +559,7 @@ class Store:
             self.finish_packs(zoo)
             matrices = self.zoo_dir("checkpoints", zoo)
             packed = {t: self._packed_ids(t, zoo) for t in PACKED_TABLES}
-            ids = sorted(p.name[: -len(".parquet")] for p in folder.glob("*.parquet") if not p.name.startswith(PACK_PREFIX))
+            ids = sorted(filter(None, map(part_key, self.names(folder))))
             with self.removing():
                 for path in matrices.glob(f"{PACK_PREFIX}*{MATRIX_SUFFIX}") if matrices.is_dir() else []:
                     if not path.with_suffix(".parquet").exists():  # a packer died before writing its pack
@@ -546,15 +622,15 @@ class Store:
 
     def _packed_ids(self, table: str, zoo: str) -> set[str]:
         folder = self.zoo_dir(table, zoo)
-        paths = folder.glob(f"{PACK_PREFIX}*.parquet") if folder.is_dir() else []
-        return {m for p in paths for m in _model_ids(p)}
+        names = [n for n in self.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(".parquet")]
+        return {m for n in names for m in _model_ids(folder / n)}
 
     def finish_packs(self, zoo: str) -> None:
         """Put pending packs in place: remove the per-model parts they replace, then rename
         them (a pending pack is complete, since it was written atomically, so this is safe to redo)."""
         for table in PACKED_TABLES:
             folder = self.zoo_dir(table, zoo)
-            for pending in sorted(folder.glob(f"{PACK_PREFIX}*{PENDING}")) if folder.is_dir() else []:
+            for pending in sorted(folder / n for n in self.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(PENDING)):
                 with self.removing():  # readers see the models in their parts or in the pack, never in neither
                     if not pending.exists():  # another process finished it meanwhile
                         continue
@@ -568,8 +644,8 @@ class Store:
         file only, which queries do not read. Like a database replaying its journal on open;
         on a root this process cannot write, or while a packer runs (it finishes its own), nothing
         is done."""
-        zoos = sorted({d.name for table in PACKED_TABLES for d in _zoo_folders(self.table_dir(table), None)
-                       if next(d.glob(f"{PACK_PREFIX}*{PENDING}"), None) is not None})
+        zoos = sorted({d.name for table in PACKED_TABLES for d in self.folders(self.table_dir(table))
+                       if any(n.startswith(PACK_PREFIX) and n.endswith(PENDING) for n in self.names(d))})
         if not zoos:
             return
         with contextlib.suppress(OSError, ZooError, pa.ArrowException):  # (verify names a damaged pack)
@@ -577,20 +653,25 @@ class Store:
                 for zoo in zoos if locked else []:
                     self.finish_packs(zoo)
 
-    def view_sql(self, table: str) -> str:
-        path = self.glob(table).replace("'", "''")
+    def view_sql(self, table: str, base: str) -> str:
+        """The view of `table` over its files under `base`: the root as DuckDB reaches it (an
+        absolute path for zoo.duckdb, `zoo://` for zoo.sql's confined file system)."""
+        path = f"{base}tables/{table}/**/*.parquet".replace("'", "''")
         return f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{path}', union_by_name = true)"
 
-    def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+    def create_views(self, con: duckdb.DuckDBPyConnection, base: str | None = None) -> None:
+        """One view per table; `base` defaults to the root's absolute path, its glob characters
+        escaped (a root named `r[o]ot` must not read the files of a sibling `root`)."""
+        if base is None:
+            base = re.sub(r"([*?\[\]])", r"[\1]", f"{self.root}/")
         present = self.tables()
         for table in SCHEMAS.keys() - set(present):  # (a root whose creation was killed half-way)
             con.execute(_empty_view_sql(con, table))
         for table in present:
             try:
-                con.execute(self.view_sql(table))
+                con.execute(self.view_sql(table, base))
             except duckdb.Error as e:  # (a view reads every file's schema: a damaged file stops it)
-                first = str(e).strip().splitlines()[0]
-                raise ZooError(f"table {table}: {first} (a damaged file, or a link out of the root: run "
+                raise ZooError(f"table {table}: {one_line(e)} (a damaged file, or a link out of the root: run "
                                f"`zoo verify --root {self.root}` to move it to quarantine/)") from None
 
     def write_index(self) -> Path:
@@ -622,6 +703,31 @@ def _zoo_folders(base: Path, zoo: str | None) -> list[Path]:
     """The folder of `zoo` under `base`, or (None) every zoo's: those that exist."""
     folders = [base / zoo] if zoo else (list(base.iterdir()) if base.is_dir() else [])
     return [f for f in folders if f.is_dir()]
+
+
+def _check_hashes(matrices: Path, pack: Path, blocks: list[tuple[list[str], np.ndarray]], epoch: int) -> None:
+    """Check rows read from a pack's weight matrices against the sha256 its Parquet pack records
+    (the record SQL and `zoo verify` see): matrices edited to disagree with it are refused. Costs
+    one sha256 pass over the rows read (perf/storage_read.py gives the figure)."""
+    recorded = pq.read_table(pack, columns=["model_id", "sha256"], filters=[("epoch", "==", int(epoch))])
+    expected = dict(zip(recorded.column("model_id").to_pylist(), recorded.column("sha256").to_pylist()))
+    for ids, block in blocks:
+        for model_id, row in zip(ids, block):
+            if hashlib.sha256(np.ascontiguousarray(row, dtype="<f4")).hexdigest() != expected.get(model_id):
+                raise ZooError(f"damaged file {matrices}: the weights of model {model_id!r} at epoch {epoch} do not match "
+                               f"the sha256 recorded in {pack.name} (run `zoo verify --root {pack.parents[3]}`)")
+
+
+@contextlib.contextmanager
+def _damage_named(folder: Path):
+    """Turns what a malformed file makes a reader raise (a file's own bad sizes, offsets or
+    fields) into one line naming the folder and the way to recover."""
+    try:
+        yield
+    except (OSError, pa.ArrowException, MemoryError, OverflowError, KeyError, ValueError, TypeError, struct.error) as e:
+        if isinstance(e, ZooError):
+            raise
+        raise ZooError(f"damaged file in {folder} ({type(e).__name__}: {one_line(e)}): run `zoo verify` to quarantine it") from None
 
 
 def _model_ids(path: Path) -> list[str]:
