@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .catalog import load_catalog
 from .errors import ZooError
+from .launch import EXECUTORS
 from .storage import Store, default_root, safe_name
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("catalog", parents=[common], help="list the zoos of the catalog and what is stored")
 
     g = sub.add_parser("generate", parents=[common], help="train the models of a zoo that the root lacks")
-    g.add_argument("zoo")
+    g.add_argument("zoo", help="a zoo of the catalog (`zoo catalog` lists them)")
     g.add_argument("--models-per-job", type=int, default=None, metavar="K", help="models trained by one job (a stack stays whole)")
     g.add_argument("--no-stack", action="store_true", help="train one model at a time on the reference path")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train at most N missing models")
@@ -51,43 +52,43 @@ def build_parser() -> argparse.ArgumentParser:
     _launch_arguments(g)
 
     st = sub.add_parser("status", parents=[common], help="done, running, failed and missing models of a zoo, with job ids")
-    st.add_argument("zoo")
+    st.add_argument("zoo", help="a zoo of the catalog (`zoo catalog` lists them)")
 
     m = sub.add_parser("metrics", parents=[common], help="compute and store metrics for every stored model")
-    m.add_argument("zoo")
+    m.add_argument("zoo", help="a zoo of the catalog (`zoo catalog` lists them)")
     m.add_argument("--epoch", default="final", help="final (default), all (every checkpoint) or an epoch number")
     m.add_argument("--only", metavar="FAMILY,...", help="families to compute (default all)")
     _launch_arguments(m)
 
     p = sub.add_parser("phases", parents=[common], help="label the cells of a zoo's grid with phases")
-    p.add_argument("zoo")
+    p.add_argument("zoo", help="a zoo of the catalog (`zoo catalog` lists them)")
     p.add_argument("--epoch", default="final", help="final (default) or an epoch number")
 
     pl = sub.add_parser("plot", parents=[common], help="draw the load x temperature diagram of a metric")
-    pl.add_argument("zoo")
-    pl.add_argument("--metric", required=True)
-    pl.add_argument("--epoch", default="final")
+    pl.add_argument("zoo", help="a zoo of the catalog (`zoo catalog` lists them)")
+    pl.add_argument("--metric", required=True, help="a metric name, as stored in the metrics table")
+    pl.add_argument("--epoch", default="final", help="final (default) or an epoch number")
     pl.add_argument("--phases", action="store_true", help="overlay the phase labels")
-    pl.add_argument("--out", type=Path, required=True, metavar="FILE.png|FILE.svg")
+    pl.add_argument("--out", type=Path, required=True, metavar="FILE.png|FILE.svg", help="the picture to write")
 
     b = sub.add_parser("bench", parents=[common], help="score a benchmark task's methods on a zoo, phase by phase")
-    b.add_argument("task", help="a task name (zoo bench --list shows them) or a task YAML file")
+    b.add_argument("task", help="a task name (`zoo tasks` lists them) or a task YAML file")
     b.add_argument("--zoo", help="the zoo to score on (default: the task's zoo)")
     b.add_argument("--method", action="append", metavar="M", help="only this method (repeatable)")
     b.add_argument("--include-path", action="append", default=[], metavar="DIR", help="also find tasks in DIR (repeatable)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     lb = sub.add_parser("leaderboard", parents=[common], help="the leaderboard, from the stored benchmark results")
     lb.add_argument("--task", help="one task (default: all)")
     lb.add_argument("--zoo", help="one zoo (default: all)")
     lb.add_argument("--by", choices=["phase"], help="one ranking per phase")
-    lb.add_argument("--format", choices=["table", "markdown", "json", "html"], default="table")
+    lb.add_argument("--format", choices=["table", "markdown", "json", "html"], default="table", help="how to print it (default table)")
 
     rp = sub.add_parser("report", parents=[common], help="a static HTML site of the benchmark results")
-    rp.add_argument("--out", type=Path, required=True, metavar="DIR")
+    rp.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write the site into (nothing is written outside it)")
 
     sub.add_parser("tasks", parents=[common], help="list the benchmark tasks and methods").add_argument(
-        "--include-path", action="append", default=[], metavar="DIR")
+        "--include-path", action="append", default=[], metavar="DIR", help="also find tasks in DIR (repeatable)")
 
     v = sub.add_parser("verify", parents=[common], help="check every file and weight hash; quarantine damaged files")
     v.add_argument("zoo", nargs="?", help="only this zoo's files (default: the whole root)")
@@ -96,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait at most S seconds for a query or writer that holds the root, then give up (default 60)")
 
     q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
-    q.add_argument("query")
-    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument("query", help="one read-only query (SELECT, WITH, DESCRIBE, ...)")
+    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table", help="how to print the result (default table)")
     q.add_argument("--out", type=Path, help="write to FILE instead of standard output (required for parquet)")
     q.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="stop the query after S seconds (default: env ZOO_SQL_TIMEOUT_S, else 300)")
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--executor", default="local", help="local (default), debug (in-process) or slurm")
+    parser.add_argument("--executor", default="local", choices=EXECUTORS,
+                        help="local (default: one job per core), debug (in this process) or slurm")
     parser.add_argument("--workers", type=int, default=None, help="concurrent local jobs (default: all cores)")
     parser.add_argument("--jobs-dir", type=Path, default=None, help="submitit's scratch folder (env ZOO_JOBS_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -115,17 +117,17 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give up on (and cancel) a job with no result after M minutes "
                              "(default: 3 x --timeout-min + 10 on SLURM, which allows for requeues; --timeout-min + 10 locally)")
     slurm = parser.add_argument_group("SLURM (override the catalog's `launch:` settings)")
-    slurm.add_argument("--partition")
-    slurm.add_argument("--gpus-per-node", type=int)
-    slurm.add_argument("--cpus-per-task", type=int)
-    slurm.add_argument("--mem-gb", type=float)
-    slurm.add_argument("--timeout-min", type=int, dest="timeout_min")
+    slurm.add_argument("--partition", help="the SLURM partition")
+    slurm.add_argument("--gpus-per-node", type=int, help="GPUs per job")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPU cores per job")
+    slurm.add_argument("--mem-gb", type=float, help="memory per job, in GB")
+    slurm.add_argument("--timeout-min", type=int, dest="timeout_min", help="a job's time limit, in minutes")
     slurm.add_argument("--signal-delay-s", type=int, dest="signal_delay_s",
                        help="seconds before the time limit at which a job checkpoints and requeues itself (default 90)")
-    slurm.add_argument("--account")
-    slurm.add_argument("--qos")
-    slurm.add_argument("--constraint")
-    slurm.add_argument("--array-parallelism", type=int)
+    slurm.add_argument("--account", help="the SLURM account to charge")
+    slurm.add_argument("--qos", help="the SLURM quality of service")
+    slurm.add_argument("--constraint", help="a SLURM node constraint (features)")
+    slurm.add_argument("--array-parallelism", type=int, help="at most this many array tasks at once")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch argument (repeatable)")
 
 
