@@ -45,7 +45,7 @@ def test_every_flag_has_help_naming_only_existing_commands():
 
 def test_an_unknown_executor_is_refused_before_the_root_is_created(tmp_path, capsys):
     root = tmp_path / "root"
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "smoke", "--executor", "foo", "--root", str(root)])
-    assert e.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
-    assert not root.exists()
+    for command in (["generate", "smoke"], ["metrics", "smoke"]):
+        assert main([*command, "--executor", "foo", "--root", str(root)]) == 2
+        assert capsys.readouterr().err == "zoo: error: unknown executor 'foo'; known: local, debug, slurm\n"
+        assert not root.exists()

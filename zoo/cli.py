@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--executor", default="local", choices=EXECUTORS,
+    parser.add_argument("--executor", default="local", metavar="|".join(EXECUTORS),
                         help="local (default: one job per core), debug (in this process) or slurm")
     parser.add_argument("--workers", type=int, default=None, help="concurrent local jobs (default: all cores)")
     parser.add_argument("--jobs-dir", type=Path, default=None, help="submitit's scratch folder (env ZOO_JOBS_DIR)")
@@ -156,6 +156,7 @@ def _launch_options(args, zoo_config, **extra):
         if args.wait_timeout_min <= 0:
             raise ZooError("--wait-timeout-min must be positive")
         options.wait_timeout_min = args.wait_timeout_min
+    options.check()  # (a bad option is refused before anything is written)
     return options
 
 
