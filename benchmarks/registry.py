@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
+from zoo.registry import Registry
 
 Unit = Literal["cell", "model", "population"]
 
@@ -63,15 +64,15 @@ class Protocol:
     doc: str
 
 
-METHODS: dict[str, Method] = {}
-PROTOCOLS: dict[str, Protocol] = {}
+METHODS: Registry[Method] = Registry("method")
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
 
 
 def register_method(name: str, kind: str, parameters: type[Parameters] = Parameters):
     """Register `function(inputs, parameters, context)` as the method `name` of `kind`."""
 
     def wrap(function):
-        METHODS[name] = Method(name, kind, parameters, function, (function.__doc__ or "").strip())
+        METHODS.add(name, Method(name, kind, parameters, function, (function.__doc__ or "").strip()), function)
         return function
 
     return wrap
@@ -83,21 +84,15 @@ def register_protocol(name: str, kind: str, unit: Unit, metrics: tuple[str, ...]
     on each `unit` and reports `metrics`."""
 
     def wrap(function):
-        PROTOCOLS[name] = Protocol(name, kind, unit, settings, tuple(metrics), function, (function.__doc__ or "").strip())
+        PROTOCOLS.add(name, Protocol(name, kind, unit, settings, tuple(metrics), function, (function.__doc__ or "").strip()), function)
         return function
 
     return wrap
 
 
 def get_method(name: str, where: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ZooError(f"{where}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return METHODS.find(name, where)
 
 
 def get_protocol(name: str, where: str) -> Protocol:
-    try:
-        return PROTOCOLS[name]
-    except KeyError:
-        raise ZooError(f"{where}: unknown protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))}") from None
+    return PROTOCOLS.find(name, where)

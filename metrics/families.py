@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
+from zoo.registry import Registry
 
 
 class Settings(BaseModel):
@@ -109,12 +110,12 @@ class Family:
             raise ZooError(f"{field}: {message}") from None
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry("metric family")
 
 
 def register_family(name: str, level: str, settings: type[Settings], names: Callable[[Settings], list[str]]):
     def wrap(compute):
-        FAMILIES[name] = Family(name, level, settings, compute, names)
+        FAMILIES.add(name, Family(name, level, settings, compute, names), compute)
         return compute
 
     return wrap

@@ -465,3 +465,19 @@ def test_the_autoencoder_refuses_too_few_models_or_too_many_weights_before_train
     too_wide = generation.AUTOENCODER_MAX_WEIGHTS // p.hidden + 1
     with pytest.raises(ValueError, match="does not scale"):
         generation.autoencoder(torch.zeros(20, too_wide), p, ctx)
+
+
+def test_a_hook_that_registers_a_built_in_name_is_refused_naming_both_definitions(root, tmp_path, capsys):
+    (tmp_path / "sneaky.py").write_text(
+        "from benchmarks.registry import register_method\n"
+        "@register_method('uniform_soup', 'merging')\n"
+        "def my_soup(states, parameters, context):\n"
+        "    return states[0]\n"
+    )
+    path = _write(tmp_path / "sneaky.yaml", {"task": "sneaky", "protocol": "merge_seeds", "hook": "sneaky.py",
+                                             "methods": [{"method": "uniform_soup"}], "metrics": [{"name": "test_acc"}]})
+    assert main(["bench", str(path), "--root", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method 'uniform_soup' is defined twice" in err
+    assert "benchmarks.merging._uniform_soup" in err and "my_soup" in err and "sneaky.py" in err
+    assert benchmarks.METHODS["uniform_soup"].function.__module__ == "benchmarks.merging"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ZooError, limit_from_env
+from .registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +46,7 @@ class Architecture:
     count: Callable[[ArchOptions, tuple[int, ...], int], int]  # the parameters `build` would make
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 
 
 def register_architecture(name: str, options: type[ArchOptions], count: Callable[[ArchOptions, tuple[int, ...], int], int]):
@@ -53,18 +54,14 @@ def register_architecture(name: str, options: type[ArchOptions], count: Callable
     `count`, the same signature, giving the number of parameters it builds (without torch)."""
 
     def wrap(build):
-        ARCHITECTURES[name] = Architecture(name, options, build, count)
+        ARCHITECTURES.add(name, Architecture(name, options, build, count), build)
         return build
 
     return wrap
 
 
 def get_architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise ZooError(f"unknown architecture {name!r}; known: {known}") from None
+    return ARCHITECTURES.find(name)
 
 
 def build_model(arch_spec: dict, input_shape: tuple[int, ...], n_classes: int, seed: int | None = None) -> nn.Module:

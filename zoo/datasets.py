@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ZooError, limit_from_env
+from .registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +82,7 @@ class DatasetType:
     size: Callable[[Options], int] | None = None  # values a generated data set makes (None: read from files)
 
 
-DATASETS: dict[str, DatasetType] = {}
+DATASETS: Registry[DatasetType] = Registry("dataset")
 
 
 def register_dataset(name: str, options: type[Options], describe, is_image: bool, size=None):
@@ -89,17 +90,14 @@ def register_dataset(name: str, options: type[Options], describe, is_image: bool
     set generated from its options gives `size`, options -> the number of values it generates."""
 
     def wrap(load):
-        DATASETS[name] = DatasetType(name, options, describe, load, is_image, size)
+        DATASETS.add(name, DatasetType(name, options, describe, load, is_image, size), load)
         return load
 
     return wrap
 
 
 def get_dataset_type(name: str) -> DatasetType:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ZooError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+    return DATASETS.find(name)
 
 
 def load_dataset(spec: dict) -> Data:
