@@ -174,21 +174,6 @@ def _write_model_result(store: Store, zoo_name: str, family: Family, ctx: ModelC
 # --- orchestration -------------------------------------------------------------------------
 
 
-def select_epochs(config: ZooConfig, epoch: str) -> list[int]:
-    """'final' -> the last epoch, 'all' -> every checkpoint, or one checkpoint epoch."""
-    if epoch == "final":
-        return [config.training.epochs]
-    if epoch == "all":
-        return sorted(config.checkpoints)
-    try:
-        value = int(epoch)
-    except ValueError:
-        raise ZooError(f"--epoch takes final, all or an epoch number, not {epoch!r}") from None
-    if value not in config.checkpoints:
-        raise ZooError(f"epoch {value} is not a checkpoint of {config.name}; checkpoints: {sorted(config.checkpoints)}")
-    return [value]
-
-
 def plan_cells(handle, config: ZooConfig, epochs: list[int]) -> list[str]:
     models = handle.sql("select model_id, load, temperature, seed from models where zoo = ? order by load, temperature, seed", [config.name])
     if models.empty:
@@ -212,7 +197,7 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
     # a bad setting fails here, before any job
     digests = {f.name: settings_hash(f.name, f.resolve(overrides.get(f.name))) for f in chosen}
     handle = zoo.open(store.root)
-    items = plan_cells(handle, config, select_epochs(config, epoch))
+    items = plan_cells(handle, config, config.select_epochs(epoch))
     sizes = [len(json.loads(item)["models"]) for item in items]
     total = sum(n if f.level == "model" else n * (n - 1) // 2 for n in sizes for f in chosen)
     report = MetricsReport()

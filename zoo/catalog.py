@@ -128,6 +128,22 @@ class ZooConfig(Strict):
             raise _FieldError("temperature.name", f"both axes set {self.load.name!r}")
         return self
 
+    def select_epochs(self, epoch: str, allow_all: bool = True) -> list[int]:
+        """The `--epoch` argument of every command: 'final' -> the last epoch, 'all' (where
+        `allow_all`) -> every checkpoint, or one checkpoint epoch."""
+        choices = "final, all or an epoch number" if allow_all else "final or an epoch number"
+        if epoch == "final":
+            return [self.training.epochs]
+        if epoch == "all" and allow_all:
+            return sorted(self.checkpoints)
+        try:
+            value = int(epoch)
+        except ValueError:
+            raise ZooError(f"--epoch takes {choices}, not {epoch!r}") from None
+        if value not in self.checkpoints:
+            raise ZooError(f"epoch {value} is not a checkpoint of {self.name}; checkpoints: {sorted(self.checkpoints)}")
+        return [value]
+
     @property
     def grid_size(self) -> int:
         return len(self.load.values) * len(self.temperature.values) * len(self.seeds)

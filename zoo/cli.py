@@ -306,14 +306,11 @@ def cmd_metrics(args) -> int:
 
 def cmd_phases(args) -> int:
     from metrics.phases import PhaseRules, label_cells, phase_grid, store_cells
-    from metrics.runner import select_epochs
 
     from .api import Zoo
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
-    epoch = select_epochs(zoo_config, args.epoch)[0] if args.epoch != "all" else None
-    if epoch is None:
-        raise ZooError("zoo phases takes --epoch final or an epoch number")
+    [epoch] = zoo_config.select_epochs(args.epoch, allow_all=False)
     rules = PhaseRules.from_catalog(zoo_config.metrics)
     handle = Zoo(args.root)
     Store(handle.root, create=True)  # a writable root, before the work
@@ -329,14 +326,11 @@ def cmd_phases(args) -> int:
 
 def cmd_plot(args) -> int:
     from metrics.plots import plot_phase_diagram
-    from metrics.runner import select_epochs
 
     from .api import Zoo
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
-    if args.epoch == "all":
-        raise ZooError("zoo plot takes --epoch final or an epoch number")
-    epoch = select_epochs(zoo_config, args.epoch)[0]
+    [epoch] = zoo_config.select_epochs(args.epoch, allow_all=False)
     out = plot_phase_diagram(Zoo(args.root), zoo_config.name, args.metric, epoch, args.out, phases=args.phases)
     print(out)
     return 0
@@ -359,15 +353,19 @@ def cmd_bench(args) -> int:
           f"failed {len(report.failed)}", file=sys.stderr)
     for line in report.failed[:10]:
         print(f"  failed: {line}", file=sys.stderr)
-    return cmd_leaderboard(argparse.Namespace(root=store.root, task=task.name, zoo=zoo_name, by="phase", format="table"))
+    return print_leaderboard(store.root, task.name, zoo_name, by="phase", format="table")
 
 
 def cmd_leaderboard(args) -> int:
+    return print_leaderboard(args.root, args.task, args.zoo, args.by, args.format)
+
+
+def print_leaderboard(root, task: str | None, zoo_name: str | None, by: str | None, format: str) -> int:
     from benchmarks import leaderboard, render
 
     from .api import Zoo
 
-    print(render(leaderboard(Zoo(args.root), args.task, args.by, args.zoo), args.format))
+    print(render(leaderboard(Zoo(root), task, by, zoo_name), format))
     return 0
 
 
