@@ -21,19 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
 from zoo.registry import Registry
+from zoo.settings import Settings
 
 Unit = Literal["cell", "model", "population"]
 
 
-class Parameters(BaseModel):
-    """Base class of a method's declared parameters: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Parameters(Settings):
+    """Base class of a method's declared parameters: unknown keys are errors (zoo.settings)."""
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,12 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
 from zoo.registry import Registry
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from zoo.settings import Settings
 
 
 @dataclass

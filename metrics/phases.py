@@ -38,17 +38,17 @@ import math
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
 from zoo.storage import SCHEMAS
+from zoo.settings import Settings
 
 PHASES = ("I", "II", "III", "IV-A", "IV-B")
 
 
-class PhaseRules(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PhaseRules(Settings):
     loss_metric: str = "train_loss"
     loss_threshold: float = Field(0.5, gt=0)
     mc_metric: str = "mc_linear_train_error"

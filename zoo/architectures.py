@@ -18,10 +18,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import ZooError, limit_from_env
 from .registry import Registry
+from .settings import Settings
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +35,8 @@ MAX_PARAMS = 1_000_000_000  # the default parameter budget (env ZOO_MAX_PARAMS)
 WIDE, DEEP = 1 << 16, 1000  # bounds of channel/embedding widths and of layer counts
 
 
-class ArchOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ArchOptions(Settings):
+    """An architecture's options (see zoo.settings)."""
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .architectures import check_parameters, get_architecture
 from .datasets import MAX_SEED, check_data_size, describe_dataset, get_dataset_type
 from .errors import CatalogError, ZooError
+from .settings import Settings
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Strict(Settings):
+    """(the catalog's sections: see zoo.settings)"""
 
 
 class Axis(Strict):

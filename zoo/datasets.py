@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import ZooError, limit_from_env
 from .registry import Registry
+from .settings import Settings
 
 if TYPE_CHECKING:
     import torch
@@ -49,10 +50,9 @@ MAX_SAMPLES = 10**8  # the bound of a sample-count option
 MAX_DATA_VALUES = 250_000_000  # the default data budget (env ZOO_MAX_DATA_VALUES)
 
 
-class Options(BaseModel):
-    """Options common to every data set."""
+class Options(Settings):
+    """Options common to every data set (see zoo.settings)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     train_size: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="keep the first n training samples")
 
 

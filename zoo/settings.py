@@ -1,0 +1,12 @@
+"""The one base of every declared set of options: catalog sections, architecture and data set
+options, metric family settings, phase rules, benchmark method parameters. Strict (an unknown
+field is an error naming it, not ignored) and frozen (options are hashed into ids and settings
+hashes, so they must not change after validation)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
