@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import zoo
 from zoo.catalog import ZooConfig
-from zoo.errors import ZooError
+from zoo.errors import ZooError, one_line
 from zoo.launch import LaunchOptions, run_jobs
 from zoo.storage import SCHEMAS, Store
 
@@ -40,11 +41,13 @@ class MetricsReport:
     warnings: list[str] = field(default_factory=list)
     seconds_by_family: dict[str, float] = field(default_factory=dict)
     failed_jobs: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "family on model(s) at epoch: error", recomputed next run
 
     def merge(self, other: "MetricsReport") -> None:
         self.computed += other.computed
         self.skipped += other.skipped
         self.warnings += other.warnings
+        self.failed += other.failed
         for name, seconds in other.seconds_by_family.items():
             self.seconds_by_family[name] = self.seconds_by_family.get(name, 0.0) + seconds
 
@@ -96,7 +99,12 @@ def _compute_family(handle, cell: dict, contexts: list[ModelContext], family: Fa
             return
         results = _model_results(family, settings, todo, report)
         for ctx, result in zip(todo, results):
+            key = part_key(family.name, [ctx.model_id], epoch, digest)
+            if isinstance(result, Exception):  # no rows: a failed status, and the next run tries again
+                _record_failure(store, zoo_name, family, [ctx], result, key, digest, report)
+                continue
             _write_model_result(store, zoo_name, family, ctx, epoch, result, digest, settings_json)
+            store.remove_part("metric_failures", zoo_name, key)
             report.computed += 1
         return
     for a, b in itertools.combinations(contexts, 2):
@@ -105,18 +113,23 @@ def _compute_family(handle, cell: dict, contexts: list[ModelContext], family: Fa
             report.skipped += 1
             continue
         values = _pair_values(family, settings, a, b, report)
+        if isinstance(values, Exception):
+            _record_failure(store, zoo_name, family, [a, b], values, key, digest, report)
+            continue
         rows = [{"model_a": a.model_id, "model_b": b.model_id, "zoo": zoo_name, "epoch": epoch, "family": family.name,
                  "name": name, "value": values.get(name, np.nan), "settings_hash": digest, "settings": settings_json}
                 for name in family.names(settings)]
         store.write_part("pair_metrics", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["pair_metrics"]))
         store.remove_parts_like("pair_metrics", zoo_name, part_key(family.name, [a.model_id, b.model_id], epoch, ""), keep=key)
+        store.remove_part("metric_failures", zoo_name, key)
         report.computed += 1
 
 
-def _model_results(family: Family, settings, contexts: list[ModelContext], report: MetricsReport) -> list[Result]:
-    """The family's results, NaN for models with non-finite weights and for models it raised on."""
+def _model_results(family: Family, settings, contexts: list[ModelContext], report: MetricsReport) -> list[Result | Exception]:
+    """The family's results: NaN for models with non-finite weights (what the model is, stored as
+    such), and the exception for models the family raised on (stored as a failure, not as values)."""
     finite = [c for c in contexts if _finite(family, [c], report)]
-    results: dict[str, Result] = {}
+    results: dict[str, Result | Exception] = {}
     try:
         results = dict(zip([c.model_id for c in finite], family.compute(finite, settings))) if finite else {}
     except Exception:  # retry one by one, so that one bad model does not take its cell down
@@ -124,18 +137,19 @@ def _model_results(family: Family, settings, contexts: list[ModelContext], repor
             try:
                 results[ctx.model_id] = family.compute([ctx], settings)[0]
             except Exception as e:
-                _warn_failed(family, [ctx], e, report)
+                traceback.print_exc(file=sys.stderr)
+                results[ctx.model_id] = e
     return [results.get(c.model_id) or Result({n: np.nan for n in family.names(settings)}) for c in contexts]
 
 
-def _pair_values(family: Family, settings, a: ModelContext, b: ModelContext, report: MetricsReport) -> dict[str, float]:
+def _pair_values(family: Family, settings, a: ModelContext, b: ModelContext, report: MetricsReport) -> dict[str, float] | Exception:
     if not _finite(family, [a, b], report):
         return {}
     try:
         return family.compute(a, b, settings)
     except Exception as e:
-        _warn_failed(family, [a, b], e, report)
-        return {}
+        traceback.print_exc(file=sys.stderr)
+        return e
 
 
 def _finite(family: Family, contexts: list[ModelContext], report: MetricsReport) -> bool:
@@ -146,10 +160,18 @@ def _finite(family: Family, contexts: list[ModelContext], report: MetricsReport)
     return False
 
 
-def _warn_failed(family: Family, contexts: list[ModelContext], error: Exception, report: MetricsReport) -> None:
-    ids = ", ".join(c.model_id for c in contexts)
-    report.warnings.append(f"{ids} epoch {contexts[0].epoch}: {family.name} failed ({type(error).__name__}: {error}); stored NaN")
-    traceback.print_exc(file=sys.stderr)
+def _record_failure(store: Store, zoo_name: str, family: Family, contexts: list[ModelContext], error: Exception,
+                    key: str, digest: str, report: MetricsReport) -> None:
+    """Store that `family` failed on this model (or pair), with the error: no metric rows, so the
+    next `zoo metrics` computes it again (a transient error, out of memory or a killed node, must
+    not become a permanent NaN)."""
+    text = f"{type(error).__name__}: {one_line(error)}"
+    ids = [c.model_id for c in contexts]
+    store.write_part("metric_failures", zoo_name, key, pa.Table.from_pylist(
+        [{"model_id": ids[0], "model_b": ids[1] if len(ids) > 1 else "", "zoo": zoo_name, "epoch": contexts[0].epoch,
+          "family": family.name, "error": text, "settings_hash": digest, "failed_at": datetime.now(timezone.utc)}],
+        schema=SCHEMAS["metric_failures"]))
+    report.failed.append(f"{family.name} on {', '.join(ids)} at epoch {contexts[0].epoch}: {text}")
 
 
 def _write_model_result(store: Store, zoo_name: str, family: Family, ctx: ModelContext, epoch: int, result: Result,

@@ -160,7 +160,7 @@ def test_every_statement_type_in_every_wrapper_is_refused_and_nothing_changes(at
     # the views are still the zoo's, in this Python session too
     assert z.sql("SELECT count(*) AS n FROM models")["n"][0] == 8
     assert sorted(z.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal")["view_name"]) == sorted(
-        ["benchmark_results", "cells", "checkpoints", "curves", "densities", "failures", "jobs", "layer_metrics",
+        ["benchmark_results", "cells", "checkpoints", "curves", "densities", "failures", "jobs", "layer_metrics", "metric_failures",
          "metrics", "models", "pair_metrics", "tensors"])
     assert snapshot(*watched) == before
 

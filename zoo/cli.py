@@ -298,10 +298,14 @@ def cmd_metrics(args) -> int:
     if len(report.warnings) > 20:
         print(f"warning: ... and {len(report.warnings) - 20} more", file=sys.stderr)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds_by_family.items())
-    print(f"{args.zoo}: computed {report.computed}, skipped {report.skipped} (already stored); {timing}", file=sys.stderr)
+    print(f"{args.zoo}: computed {report.computed}, skipped {report.skipped} (already stored), failed {len(report.failed)}; {timing}", file=sys.stderr)
     for error in report.failed_jobs[:5]:
         print(f"  {error}", file=sys.stderr)
-    return 1 if report.failed_jobs else 0
+    for line in report.failed[:10]:
+        print(f"  failed (computed again on the next run): {line}", file=sys.stderr)
+    if len(report.failed) > 10:
+        print(f"  ... and {len(report.failed) - 10} more failed units (the metric_failures table)", file=sys.stderr)
+    return 1 if report.failed_jobs or report.failed else 0
 
 
 def cmd_phases(args) -> int:

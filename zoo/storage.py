@@ -159,6 +159,18 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("settings_hash", pa.string()),
         ]
     ),
+    "metric_failures": pa.schema(  # a metric unit (model or pair) whose family raised: recomputed next run
+        [
+            ("model_id", pa.string()),
+            ("model_b", pa.string()),  # the pair's second model ("" for a model-level family)
+            ("zoo", pa.string()),
+            ("epoch", pa.int32()),
+            ("family", pa.string()),
+            ("error", pa.string()),
+            ("settings_hash", pa.string()),
+            ("failed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
     "cells": pa.schema(
         [
             ("zoo", pa.string()),
