@@ -151,7 +151,7 @@ def generate_weights(unit, call, settings: GenerationSettings):
     if int(counts["n"].iloc[0]) > 1:
         raise ValueError("weight generation needs models of one architecture and width: narrow the task's select")
     template = z.load_model(unit.model_ids[0])
-    index = z._index(unit.zoo_name, unit.model_ids[0])
+    index = z.tensor_index(unit.model_ids[0])
     n_params = sum(e.numel for e in index if e.kind == "parameter")
     weights = z.weights(unit.model_ids)[:, :n_params]
     spec = permutation_spec(template)

@@ -38,7 +38,7 @@ def results(z, task: str | None = None, zoo: str | None = None) -> pd.DataFrame:
 
 def leaderboard(z, task: str | None = None, by: str | None = None, zoo: str | None = None) -> pd.DataFrame:
     frame = results(z, task, zoo)
-    frame["label"] = _labels(frame)
+    frame["label"] = method_labels(frame)
     frame["phase"] = frame["phase"].fillna("all")
     keys = ["task", "zoo", "label"] + (["phase"] if by == "phase" else [])
     if by not in (None, "phase"):
@@ -63,7 +63,7 @@ def leaderboard(z, task: str | None = None, by: str | None = None, zoo: str | No
         order.append(group)
     board = pd.concat(order, ignore_index=True)
     metrics = [c for c in board.columns if c not in {"task", "zoo", "method", "phase", "units", "failed", "rank"}]
-    metrics = [m for m in _metric_order(frame) if m in metrics]
+    metrics = [m for m in metric_order(frame) if m in metrics]
     front = ["task", "zoo"] + (["phase"] if by == "phase" else []) + ["rank", "method"]
     board = board[front + metrics + ["units", "failed"]]
     return board.dropna(axis=1, how="all")
@@ -84,7 +84,7 @@ def render(board: pd.DataFrame, fmt: str) -> str:
         return board.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
 
 
-def _labels(frame: pd.DataFrame) -> list[str]:
+def method_labels(frame: pd.DataFrame) -> list[str]:
     """Each row's method, with the parameters that tell apart its task's calls of that method
     (a sweep's values; the full parameters are in the `parameters` column of the results)."""
     varying = {key: varying_parameters(group["parameters"]) for key, group in frame.groupby(["task", "method"])}
@@ -105,12 +105,12 @@ def varying_parameters(parameters: pd.Series) -> list[str]:
 
 def _ranking_metric(frame: pd.DataFrame) -> tuple[str, bool]:
     """The task's first metric (in the order results were stored) and its direction."""
-    first = _metric_order(frame)[0]
+    first = metric_order(frame)[0]
     higher = bool(frame.loc[frame["metric"] == first, "higher_is_better"].iloc[0])
     return first, higher
 
 
-def _metric_order(frame: pd.DataFrame) -> list[str]:
+def metric_order(frame: pd.DataFrame) -> list[str]:
     """The tasks' metrics in their YAML order (stored in each row's settings)."""
     order = []
     for settings in frame["settings"].drop_duplicates():

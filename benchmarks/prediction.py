@@ -34,7 +34,7 @@ def weight_features(z, model_ids: list[str], epoch: int | None = None) -> np.nda
     for _, group in counts.groupby("n_params"):
         ids = list(group["model_id"])
         matrix = z.weights(ids, epoch=epoch)
-        entries = [e for e in z._index(group["zoo"].iloc[0], ids[0]) if e.kind == "parameter"]
+        entries = [e for e in z.tensor_index(ids[0]) if e.kind == "parameter"]
         columns = []
         for e in entries:
             block = matrix[:, e.offset : e.offset + e.numel].double()

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metrics.phases import _fmt
+from metrics.phases import axis_label
 from zoo.errors import ZooError
 
-from .leaderboard import _labels, _metric_order, leaderboard, render, results, varying_parameters
+from .leaderboard import method_labels, metric_order, leaderboard, render, results, varying_parameters
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -49,7 +49,7 @@ def write_report(z, out: str | Path) -> Path:
     _inside(out, out / "img")
     frame = results(z)
     frame = frame[frame["status"] == "ok"].copy()
-    frame["label"] = _labels(frame)
+    frame["label"] = method_labels(frame)
     frame["phase"] = frame["phase"].fillna("all")
     sections, contents = [], []
     for (task, zoo_name), rows in frame.groupby(["task", "zoo"], sort=True):
@@ -82,7 +82,7 @@ def _inside(out: Path, path: Path) -> Path:
 
 
 def _section(z, task: str, zoo_name: str, rows: pd.DataFrame, out: Path) -> str:
-    first = _metric_order(rows)[0]
+    first = metric_order(rows)[0]
     higher = bool(rows.loc[rows["metric"] == first, "higher_is_better"].iloc[0])
     slug = _slug(task, zoo_name)  # (names from the zoo never become path components as they are)
     parts = [f"<h2 id='{slug}'>{html.escape(task)} on {html.escape(zoo_name)}</h2>",
@@ -141,8 +141,8 @@ def _phase_diagram(z, rows: pd.DataFrame, metric: str, higher: bool, path: Path,
     fig, ax = plt.subplots(figsize=(max(5, 1.5 + 0.9 * grid.shape[1]), max(3.5, 1.0 + 0.55 * grid.shape[0])), constrained_layout=True)
     image = ax.imshow(grid.to_numpy(float), origin="lower", aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax, label=metric)
-    ax.set_xticks(range(grid.shape[1]), [_fmt(v) for v in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [_fmt(v) for v in grid.index])
+    ax.set_xticks(range(grid.shape[1]), [axis_label(v) for v in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [axis_label(v) for v in grid.index])
     for i, load in enumerate(grid.index):
         for j, temperature in enumerate(grid.columns):
             ax.text(j, i, str(phases.get((load, temperature), "?")), ha="center", va="center", fontsize=8,

@@ -172,10 +172,10 @@ def store_cells(store, cells: pd.DataFrame) -> None:
 def phase_grid(cells: pd.DataFrame) -> pd.DataFrame:
     """Labels as a load x temperature table (for printing)."""
     grid = cells.pivot(index="load", columns="temperature", values="phase")
-    grid.index = [_fmt(v) for v in grid.index]
-    grid.columns = [_fmt(v) for v in grid.columns]
+    grid.index = [axis_label(v) for v in grid.index]
+    grid.columns = [axis_label(v) for v in grid.columns]
     return grid.fillna("?")
 
 
-def _fmt(value: float) -> str:
+def axis_label(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -10,7 +10,7 @@ import pandas as pd
 
 from zoo.errors import ZooError
 
-from .phases import PHASES, _fmt, cell_means
+from .phases import PHASES, axis_label, cell_means
 
 LOG_SCALE_PREFIXES = ("hessian_top_eig", "hessian_trace_", "train_loss", "test_loss", "l2_norm", "dist_")
 
@@ -45,8 +45,8 @@ def plot_phase_diagram(handle, zoo_name: str, metric: str, epoch: int, out: Path
     fig, ax = plt.subplots(figsize=(max(6.5, 1.5 + 0.9 * grid.shape[1]), max(4.0, 1.0 + 0.6 * grid.shape[0])), constrained_layout=True)
     image = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap=cmap, norm=norm)
     fig.colorbar(image, ax=ax, label=metric + scale)
-    ax.set_xticks(range(grid.shape[1]), [_fmt(v) for v in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [_fmt(v) for v in grid.index])
+    ax.set_xticks(range(grid.shape[1]), [axis_label(v) for v in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [axis_label(v) for v in grid.index])
     ax.set_xlabel(f"{means['temperature_name'].iloc[0]} (temperature)")
     ax.set_ylabel(f"{means['load_name'].iloc[0]} (load)")
     ax.set_title(f"{zoo_name}: {metric}, epoch {epoch}, mean over seeds")

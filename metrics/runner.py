@@ -93,7 +93,7 @@ def _compute_family(handle, cell: dict, contexts: list[ModelContext], family: Fa
     digest = settings_hash(family.name, settings)
     settings_json = json.dumps({"family": family.name, "settings": settings.model_dump(), "versions": record}, default=str)
     if family.level == "model":
-        todo = [c for c in contexts if not store.part_path("metrics", zoo_name, part_key(family.name, [c.model_id], epoch, digest)).exists()]
+        todo = [c for c in contexts if not store.has_part("metrics", zoo_name, part_key(family.name, [c.model_id], epoch, digest))]
         report.skipped += len(contexts) - len(todo)
         if not todo:
             return
@@ -109,7 +109,7 @@ def _compute_family(handle, cell: dict, contexts: list[ModelContext], family: Fa
         return
     for a, b in itertools.combinations(contexts, 2):
         key = part_key(family.name, [a.model_id, b.model_id], epoch, digest)
-        if store.part_path("pair_metrics", zoo_name, key).exists():
+        if store.has_part("pair_metrics", zoo_name, key):
             report.skipped += 1
             continue
         values = _pair_values(family, settings, a, b, report)

@@ -89,7 +89,7 @@ class Zoo:
         epoch = spec.training.epochs if epoch is None else int(epoch)
         vector = self._vectors(spec.zoo, [model_id], epoch)[0]
         model = build_model(spec.architecture, spec.input_shape, spec.n_classes)
-        model.load_state_dict(unflatten(vector, self._index(spec.zoo, model_id)))
+        model.load_state_dict(unflatten(vector, self.tensor_index(model_id)))
         return model.eval()
 
     def weights(self, model_ids: Sequence[str], epoch: int | None = None, buffers: bool = False) -> torch.Tensor:
@@ -138,7 +138,7 @@ class Zoo:
             raise ZooError(f"refused export path {str(path)!r}: give a path relative to the working directory, without '..'")
         spec = self.spec(model_id)
         epoch = spec.training.epochs if epoch is None else int(epoch)
-        state = unflatten(self._vectors(spec.zoo, [model_id], epoch)[0], self._index(spec.zoo, model_id))
+        state = unflatten(self._vectors(spec.zoo, [model_id], epoch)[0], self.tensor_index(model_id))
         metadata = {"model_id": model_id, "epoch": str(epoch), "config": spec.to_json()}
         try:
             save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
@@ -155,7 +155,9 @@ class Zoo:
             raise ZooError(f"no checkpoint at epoch {epoch} for model {lacking[0]!r}")
         return matrix
 
-    def _index(self, zoo: str, model_id: str) -> list[TensorEntry]:
+    def tensor_index(self, model_id: str) -> list[TensorEntry]:
+        """Where each tensor of the model's state lies in its flat weight vector (zoo.weights)."""
+        zoo = self.spec(model_id).zoo
         table = self.store.read_model_rows("tensors", zoo, [model_id]).sort_by("position")
         if not len(table):
             raise ZooError(f"no tensor index for model {model_id!r} in {self.root}")

@@ -40,7 +40,7 @@ class WeightDataset(Dataset):
         self.properties = properties(zoo, ids, epoch)
         self.matrix = zoo.weights(ids, epoch=epoch, buffers=True)
         spec = zoo.spec(ids[0])
-        self.index = zoo._index(spec.zoo, ids[0])
+        self.index = zoo.tensor_index(ids[0])
         self.n_params = int(sum(e.numel for e in self.index if e.kind == "parameter"))
         self.layers, self.permute, self.buffers = layers, permute, buffers
         self.spec = permutation_spec(build_model(spec.architecture, spec.input_shape, spec.n_classes)) if permute else None

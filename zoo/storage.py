@@ -599,19 +599,27 @@ class Store:
                     data = pa.concat_tables([pq.ParquetFile(p).read() for p in paths], promote_options="permissive")
                     order = [("epoch", "ascending"), ("model_id", "ascending")] if table == "checkpoints" else [("model_id", "ascending")]
                     data = data.sort_by(order)
-                    members = "\n".join(sorted(set(data.column("model_id").to_pylist())))
-                    key = PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
-                    # Row groups of ~4 MB, so a read of one epoch or of a few models skips the rest
-                    # by the groups' statistics; weights in LZ4, which decodes about 1.5x faster than
-                    # zstd here (weights compress little: by 8% in LZ4, 13% in zstd on the smoke zoo).
                     if table == "checkpoints":  # the N x P matrices first: used only once the pack is in place
-                        write_matrices(self.zoo_dir(table, zoo) / f"{key}{MATRIX_SUFFIX}", data)
-                    row_bytes = max(1, data.nbytes // max(1, len(data)))
-                    self._write_atomic(self.zoo_dir(table, zoo) / f"{key}.parquet{PENDING}", data,
-                                       row_group_size=max(1, min(len(data), (4 << 20) // row_bytes)),
-                                       compression="lz4" if table == "checkpoints" else "zstd")
+                        write_matrices(self.zoo_dir(table, zoo) / f"{pack_key(data)}{MATRIX_SUFFIX}", data)
+                    self.write_pack(table, zoo, data, pending=True)
                 self.finish_packs(zoo)
             return len(ids)
+
+    def write_pack(self, table: str, zoo: str, data: pa.Table, pending: bool = False) -> Path:
+        """Write the rows of several models as one pack of `table` (pending: under its `.pending`
+        name, put in place by `finish_packs`). Row groups of ~4 MB, so a read of one epoch or of
+        a few models skips the rest by the groups' statistics; weights in LZ4, which decodes
+        about 1.5x faster than zstd here (weights compress little: by 8% in LZ4, 13% in zstd on
+        the smoke zoo)."""
+        path = self.zoo_dir(table, zoo) / f"{pack_key(data)}.parquet{PENDING if pending else ''}"
+        row_bytes = max(1, data.nbytes // max(1, len(data)))
+        self._write_atomic(path, data, row_group_size=max(1, min(len(data), (4 << 20) // row_bytes)),
+                           compression="lz4" if table == "checkpoints" else "zstd")
+        return path
+
+    def has_part(self, table: str, zoo: str, key: str) -> bool:
+        """Whether the part `key` of `table` for `zoo` is stored."""
+        return self.part_path(table, zoo, key).is_file()
 
     def sweep(self, zoo: str | None = None) -> int:
         """Remove temporary files of dead writers and the saved training states of stored
@@ -715,6 +723,12 @@ def _zoo_folders(base: Path, zoo: str | None) -> list[Path]:
     """The folder of `zoo` under `base`, or (None) every zoo's: those that exist."""
     folders = [base / zoo] if zoo else (list(base.iterdir()) if base.is_dir() else [])
     return [f for f in folders if f.is_dir()]
+
+
+def pack_key(data: pa.Table) -> str:
+    """A pack's name: a hash of the model ids it holds (the same models give the same name)."""
+    members = "\n".join(sorted(set(data.column("model_id").to_pylist())))
+    return PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
 
 
 def _check_hashes(matrices: Path, pack: Path, blocks: list[tuple[list[str], np.ndarray]], epoch: int) -> None:

@@ -17,7 +17,6 @@ nothing if that was the wait before the repair.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -234,9 +233,7 @@ def _unstore(store: Store, zoo: str, model_ids: set[str]) -> None:
         with store.removing():
             quarantine(store.root, pack, reason)
         if len(rest):
-            members = "\n".join(sorted(set(rest.column("model_id").to_pylist())))
-            key = PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
-            store._write_atomic(folder / f"{key}.parquet", rest)
+            store.write_pack("models", zoo, rest)
 
 
 def _safe(name: str) -> bool:
