@@ -25,7 +25,7 @@ from zoo.api import Zoo
 from zoo.datasets import Data
 from zoo.errors import ZooError
 from zoo.population import UNLABELLED, phase_labels
-from zoo.storage import SCHEMAS
+from zoo.schemas import SCHEMAS
 
 from .evaluation import Holdout, holdout
 from .tasks import MethodCall, Task

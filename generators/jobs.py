@@ -21,7 +21,8 @@ from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.errors import StorageError
 from zoo.launch import current_job_id
-from zoo.storage import Store, write_failure, write_model
+from zoo.rows import write_failure, write_model
+from zoo.storage import Store
 
 from .stacked import group_into_stacks, shape_key, stack_key, train_stack
 from .training import train

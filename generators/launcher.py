@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from zoo.catalog import ModelSpec, ZooConfig
 from zoo.launch import LaunchOptions, run_jobs
-from zoo.storage import Store, write_jobs
+from zoo.rows import write_jobs
+from zoo.storage import Store
 
 from .jobs import TrainAndStore, work_items
 from .resume import save_interval_s

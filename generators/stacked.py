@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from zoo.device import run_device
 from zoo.catalog import ModelSpec
 from zoo.datasets import Data
-from zoo.storage import TrainedModel
+from zoo.rows import TrainedModel
 from zoo.weights import flatten, tensor_index
 
 from .training import augment, derive_seed, epoch_batches, initial_model, make_optimizer, make_schedule, steps_per_epoch

@@ -22,7 +22,7 @@ from zoo.catalog import ModelSpec, Training
 from zoo.datasets import Data
 from zoo.device import run_device, set_determinism
 from zoo.evaluation import evaluate
-from zoo.storage import TrainedModel
+from zoo.rows import TrainedModel
 from zoo.weights import flatten, tensor_index
 
 from .resume import Saver, TrainingState, load_state

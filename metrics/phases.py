@@ -42,7 +42,7 @@ from pydantic import Field, ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
-from zoo.storage import SCHEMAS
+from zoo.schemas import SCHEMAS
 from zoo.settings import Settings
 
 PHASES = ("I", "II", "III", "IV-A", "IV-B")

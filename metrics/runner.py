@@ -29,7 +29,8 @@ import zoo
 from zoo.catalog import ZooConfig
 from zoo.errors import ZooError, one_line
 from zoo.launch import LaunchOptions, run_jobs
-from zoo.storage import SCHEMAS, Store
+from zoo.schemas import SCHEMAS
+from zoo.storage import Store
 
 from .families import FAMILIES, Family, ModelContext, Result, cell_contexts, get_families, settings_hash
 

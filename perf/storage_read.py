@@ -35,7 +35,9 @@ from safetensors.torch import load_file, save_file
 import zoo
 from zoo.architectures import build_model
 from zoo.catalog import ModelSpec, parse_zoo
-from zoo.storage import SCHEMAS, Store, TrainedModel, write_model
+from zoo.rows import TrainedModel, write_model
+from zoo.schemas import SCHEMAS
+from zoo.storage import Store
 from zoo.weights import tensor_index, unflatten
 
 PHASE_QUERY = """

@@ -19,7 +19,8 @@ from zoo.catalog import load_catalog
 from zoo.cli import main
 from zoo.errors import ZooError
 from zoo.integrity import MANIFEST, check_file, digest, recorded, sweep_temporary, temporary_name
-from zoo.storage import SCHEMAS, Store
+from zoo.schemas import SCHEMAS
+from zoo.storage import Store
 from zoo.verify import verify
 
 from .conftest import REPO

@@ -21,7 +21,8 @@ from generators.launcher import LaunchOptions, generate
 from zoo.catalog import load_catalog
 from zoo.cli import main
 from zoo.errors import ZooError
-from zoo.storage import SCHEMAS, Store
+from zoo.schemas import SCHEMAS
+from zoo.storage import Store
 
 from .conftest import REPO
 

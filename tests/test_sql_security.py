@@ -458,7 +458,8 @@ def test_parallel_scans_through_the_root_file_system_read_the_right_bytes(tmp_pa
     """DuckDB reads one file from several threads through one handle (a seek, then a read):
     each thread keeps its own position (zoo.rootfs.PositionalFile), else a 1e6-row aggregation
     decodes another thread's bytes."""
-    from zoo.storage import SCHEMAS, Store
+    from zoo.schemas import SCHEMAS
+    from zoo.storage import Store
 
     store = Store(tmp_path / "root", create=True)
     rng = np.random.default_rng(0)

@@ -27,17 +27,11 @@ reader ever sees half a file. Nothing here unpickles anything.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import os
 import re
 import struct
-import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -49,188 +43,11 @@ import pyarrow.parquet as pq
 from .errors import ZooError, one_line
 from .integrity import compact_manifest, rename, sweep_temporary, temporary_name, write_atomically, write_error
 from .matrices import read_rows, write_matrices
-from .rootfs import UnsafePath, entries
-from .weights import TensorEntry, n_parameters, sha256
-
-if TYPE_CHECKING:
-    from .catalog import ModelSpec
+from .locks import exclusive_lock, shared_lock
+from .rootfs import entries
+from .schemas import SCHEMA_VERSION, SCHEMAS
 
 INDEX_FILE = "zoo.duckdb"
-SCHEMA_VERSION = "1"
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "models": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("zoo", pa.string()),
-            ("arch", pa.string()),
-            ("dataset", pa.string()),
-            ("seed", pa.int64()),
-            ("load_name", pa.string()),
-            ("load", pa.float64()),
-            ("temperature_name", pa.string()),
-            ("temperature", pa.float64()),
-            ("n_params", pa.int64()),
-            ("status", pa.string()),
-            ("train_seconds", pa.float64()),
-            ("created_at", pa.timestamp("us", tz="UTC")),
-            ("code_version", pa.string()),
-            ("torch_version", pa.string()),
-            ("config", pa.string()),
-        ]
-    ),
-    "curves": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("epoch", pa.int32()),
-            ("train_loss", pa.float64()),
-            ("train_acc", pa.float64()),
-            ("test_loss", pa.float64()),
-            ("test_acc", pa.float64()),
-        ]
-    ),
-    "checkpoints": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("epoch", pa.int32()),
-            ("n_params", pa.int64()),
-            ("n_values", pa.int64()),
-            ("sha256", pa.string()),
-            ("weights", pa.list_(pa.float32())),
-        ]
-    ),
-    "tensors": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("position", pa.int32()),
-            ("name", pa.string()),
-            ("shape", pa.list_(pa.int64())),
-            ("offset", pa.int64()),
-            ("numel", pa.int64()),
-            ("dtype", pa.string()),
-            ("kind", pa.string()),
-        ]
-    ),
-    "metrics": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("zoo", pa.string()),
-            ("epoch", pa.int32()),
-            ("family", pa.string()),
-            ("name", pa.string()),
-            ("value", pa.float64()),
-            ("settings_hash", pa.string()),
-            ("settings", pa.string()),
-        ]
-    ),
-    "layer_metrics": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("zoo", pa.string()),
-            ("epoch", pa.int32()),
-            ("family", pa.string()),
-            ("layer", pa.string()),
-            ("name", pa.string()),
-            ("value", pa.float64()),
-            ("settings_hash", pa.string()),
-        ]
-    ),
-    "pair_metrics": pa.schema(
-        [
-            ("model_a", pa.string()),
-            ("model_b", pa.string()),
-            ("zoo", pa.string()),
-            ("epoch", pa.int32()),
-            ("family", pa.string()),
-            ("name", pa.string()),
-            ("value", pa.float64()),
-            ("settings_hash", pa.string()),
-            ("settings", pa.string()),
-        ]
-    ),
-    "densities": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("zoo", pa.string()),
-            ("epoch", pa.int32()),
-            ("split", pa.string()),
-            ("eigenvalue", pa.float64()),
-            ("weight", pa.float64()),
-            ("settings_hash", pa.string()),
-        ]
-    ),
-    "metric_failures": pa.schema(  # a metric unit (model or pair) whose family raised: recomputed next run
-        [
-            ("model_id", pa.string()),
-            ("model_b", pa.string()),  # the pair's second model ("" for a model-level family)
-            ("zoo", pa.string()),
-            ("epoch", pa.int32()),
-            ("family", pa.string()),
-            ("error", pa.string()),
-            ("settings_hash", pa.string()),
-            ("failed_at", pa.timestamp("us", tz="UTC")),
-        ]
-    ),
-    "cells": pa.schema(
-        [
-            ("zoo", pa.string()),
-            ("epoch", pa.int32()),
-            ("load_name", pa.string()),
-            ("load", pa.float64()),
-            ("temperature_name", pa.string()),
-            ("temperature", pa.float64()),
-            ("n_models", pa.int64()),
-            ("n_pairs", pa.int64()),
-            ("phase", pa.string()),
-            ("phase_margin", pa.float64()),
-            ("phase_agreement", pa.float64()),
-            ("rules", pa.string()),
-        ]
-    ),
-    "benchmark_results": pa.schema(
-        [
-            ("task", pa.string()),
-            ("task_version", pa.int32()),
-            ("method", pa.string()),
-            ("parameters", pa.string()),  # JSON, the method's validated parameters
-            ("parameters_hash", pa.string()),
-            ("zoo", pa.string()),
-            ("unit", pa.string()),  # a model id, "load=...,temperature=..." for a cell, or "population"
-            ("load", pa.float64()),
-            ("temperature", pa.float64()),
-            ("phase", pa.string()),
-            ("metric", pa.string()),
-            ("value", pa.float64()),
-            ("higher_is_better", pa.bool_()),
-            ("status", pa.string()),  # ok | failed
-            ("error", pa.string()),
-            ("seed", pa.int64()),
-            ("settings", pa.string()),  # JSON: the protocol's settings and the library versions
-            ("code_version", pa.string()),
-            ("created_at", pa.timestamp("us", tz="UTC")),
-        ]
-    ),
-    "jobs": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("zoo", pa.string()),
-            ("job_id", pa.string()),
-            ("executor", pa.string()),
-            ("run", pa.string()),  # the launch that submitted it (one part per run)
-            ("submitted_at", pa.timestamp("us", tz="UTC")),
-        ]
-    ),
-    "failures": pa.schema(
-        [
-            ("model_id", pa.string()),
-            ("zoo", pa.string()),
-            ("error", pa.string()),
-            ("job_id", pa.string()),
-            ("failed_at", pa.timestamp("us", tz="UTC")),
-        ]
-    ),
-}
-
 PACKED_TABLES = ("checkpoints", "curves", "tensors", "models")  # the models row last: the commit
 PACK_PREFIX = "pack-"
 RESUME_DIR = "resume"
@@ -255,71 +72,6 @@ def safe_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
         raise ZooError(f"invalid {kind} {name!r}: use letters, digits, '.', '_' and '-'")
     return name
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path, wait: bool = False, timeout: float | None = None):
-    """Yields True while holding an exclusive lock on `path`, False if another process holds it
-    (with `wait`, waits for it: for ever, or at most `timeout` seconds, then raises `_flock`'s
-    one-line ZooError). The OS releases the lock when its holder dies, so a killed packer never
-    blocks the next."""
-    with _lock_file(path) as handle:
-        try:
-            if wait:
-                _flock(handle, path, fcntl.LOCK_EX, timeout)
-            else:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _shared_lock(path: Path, exclusive: bool = False, timeout: float | None = None):
-    """Holds a shared (or exclusive) lock on `path` until the block ends, waiting for it (at most
-    `timeout` seconds, if given). On a root that cannot be written (a read-only mount) nothing can
-    change under a reader: no lock."""
-    try:
-        handle = _lock_file(path)
-    except UnsafePath:
-        raise
-    except OSError:
-        yield
-        return
-    with handle:
-        _flock(handle, path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout)
-        yield
-
-
-def _lock_file(path: Path):
-    """The lock file, opened (created if absent) without following a link: a root from elsewhere
-    may hold a `.read.lock` that points at a file outside it, which must not be created."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UnsafePath(f"refused: {path} is a symbolic link (run `zoo verify --root {path.parent}` "
-                             "to move it to quarantine/)") from None
-        raise
-    return os.fdopen(fd, "a")
-
-
-def _flock(handle, path: Path, kind: int, timeout: float | None) -> None:
-    """Take the lock `kind` on `handle`: waiting for ever (timeout None), or polling until
-    `timeout` seconds have passed, then one line saying who holds the root."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            return fcntl.flock(handle, kind | (0 if deadline is None else fcntl.LOCK_NB))
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise ZooError(f"another zoo command (a query, an API reader or a writer) holds {path.parent}; "
-                               f"gave up after {timeout:g} s: retry when it has finished") from None
-            time.sleep(0.05)
 
 
 def default_root() -> Path:
@@ -544,16 +296,16 @@ class Store:
         """Held by every read (SQL queries, stored ids, rows, weights): files are removed or
         renamed only between reads, so a reader never finds a listed file gone, a model in two
         files at once, or in none (the lock is `.read.lock`; a query holds it for its duration)."""
-        return _shared_lock(self.root / ".read.lock", timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
+        return shared_lock(self.root / ".read.lock", timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
 
     def removing(self, timeout: float | None = None):
         """Held, exclusively and briefly, while part files are removed or packs renamed."""
-        return _shared_lock(self.root / ".read.lock", exclusive=True,
+        return shared_lock(self.root / ".read.lock", exclusive=True,
                             timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
 
     def packing(self, wait: bool = False, timeout: float | None = None):
         """The packer's lock: whoever holds it may rewrite and remove packs."""
-        return _exclusive_lock(self.root / ".pack.lock", wait, getattr(self, "lock_timeout", None) if timeout is None else timeout)
+        return exclusive_lock(self.root / ".pack.lock", wait, getattr(self, "lock_timeout", None) if timeout is None else timeout)
 
     def pack(self, zoo: str) -> int:
         """Merge the per-model parts of `zoo`'s stored models into pack files (at most about
@@ -763,111 +515,3 @@ def _model_ids(path: Path) -> list[str]:
     except (OSError, pa.ArrowException) as e:
         raise ZooError(f"damaged file {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
                        f"run `zoo verify --root {path.parents[3]}` to quarantine it") from None
-
-
-# --- one trained model --------------------------------------------------------------------
-
-
-@dataclass
-class TrainedModel:
-    """What training produces for one model, in the form the store writes."""
-
-    spec: "ModelSpec"
-    curves: list[dict]  # one row per epoch 0..E: epoch, train_loss, train_acc, test_loss, test_acc
-    checkpoints: dict[int, np.ndarray]  # epoch -> flat float32 state (see zoo.weights)
-    index: list[TensorEntry]
-    train_seconds: float
-    resumed_from: int | None = None  # the epoch a resumed run continued after (not stored)
-
-
-def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
-    """Store one model: tensors, curves, checkpoints, then its `models` row (the commit)."""
-    import torch
-
-    spec, model_id = model.spec, model.spec.model_id
-    index = model.index
-    store.write_part(
-        "tensors",
-        spec.zoo,
-        model_id,
-        pa.Table.from_pylist(
-            [
-                {"model_id": model_id, "position": i, "name": e.name, "shape": list(e.shape), "offset": e.offset,
-                 "numel": e.numel, "dtype": e.dtype, "kind": e.kind}
-                for i, e in enumerate(index)
-            ],
-            schema=SCHEMAS["tensors"],
-        ),
-    )
-    store.write_part("curves", spec.zoo, model_id, pa.Table.from_pylist([{"model_id": model_id, **row} for row in model.curves], schema=SCHEMAS["curves"]))
-    n_params = n_parameters(index)
-    epochs = sorted(model.checkpoints)
-    vectors = [model.checkpoints[e] for e in epochs]
-    store.write_part(
-        "checkpoints",
-        spec.zoo,
-        model_id,
-        pa.table(
-            {
-                "model_id": [model_id] * len(epochs),
-                "epoch": pa.array(epochs, pa.int32()),
-                "n_params": [n_params] * len(epochs),
-                "n_values": [int(v.size) for v in vectors],
-                "sha256": [sha256(v) for v in vectors],
-                "weights": pa.ListArray.from_arrays(
-                    pa.array(np.cumsum([0] + [v.size for v in vectors]), pa.int32()),
-                    pa.array(np.concatenate(vectors) if vectors else np.zeros(0, np.float32), pa.float32()),
-                ),
-            },
-            schema=SCHEMAS["checkpoints"],
-        ),
-    )
-    row = {
-        "model_id": model_id,
-        "zoo": spec.zoo,
-        "arch": spec.architecture["name"],
-        "dataset": spec.dataset["name"],
-        "seed": spec.seed,
-        "load_name": spec.load_name,
-        "load": spec.load,
-        "temperature_name": spec.temperature_name,
-        "temperature": spec.temperature,
-        "n_params": n_params,
-        "status": "done",
-        "train_seconds": model.train_seconds,
-        "created_at": datetime.now(timezone.utc),
-        "code_version": code_version,
-        "torch_version": torch.__version__,
-        "config": spec.to_json(),
-    }
-    fields = list(SCHEMAS["models"])
-    for name, (value, kind) in spec.hyperparameters().items():
-        if name not in row:
-            row[name] = value if value is None or kind is not str else str(value)
-            fields.append(pa.field(name, _ARROW_TYPES[kind]))
-    store.write_part("models", spec.zoo, model_id, pa.Table.from_pylist([row], schema=pa.schema(fields)))
-    store.remove_part("failures", spec.zoo, model_id)
-
-
-def write_jobs(store: Store, zoo: str, run: str, executor: str, jobs: list[tuple[str, str]]) -> None:
-    """Record which job trains which model ((model_id, job_id) pairs), one part per run,
-    rewritten as the run submits more jobs: `zoo status` reads it."""
-    now = datetime.now(timezone.utc)
-    store.write_part("jobs", zoo, safe_name("run", run), pa.Table.from_pylist(
-        [{"model_id": m, "zoo": zoo, "job_id": j, "executor": executor, "run": run, "submitted_at": now} for m, j in jobs],
-        schema=SCHEMAS["jobs"]))
-
-
-def write_failure(store: Store, zoo: str, model_id: str, error: str, job_id: str = "") -> None:
-    store.write_part(
-        "failures",
-        zoo,
-        model_id,
-        pa.Table.from_pylist(
-            [{"model_id": model_id, "zoo": zoo, "error": error, "job_id": job_id, "failed_at": datetime.now(timezone.utc)}],
-            schema=SCHEMAS["failures"],
-        ),
-    )
-
-
-_ARROW_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}

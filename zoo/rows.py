@@ -1,0 +1,124 @@
+"""The rows one trained model, one launch and one failure add to a root, built for the store to
+write: a model's tensors, curves and checkpoints, then its `models` row (the commit), the
+`jobs` table's record of which job trains which model, and a model's `failures` row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from .schemas import SCHEMAS
+from .storage import Store, safe_name
+from .weights import TensorEntry, n_parameters, sha256
+
+if TYPE_CHECKING:
+    from .catalog import ModelSpec
+
+
+@dataclass
+class TrainedModel:
+    """What training produces for one model, in the form the store writes."""
+
+    spec: "ModelSpec"
+    curves: list[dict]  # one row per epoch 0..E: epoch, train_loss, train_acc, test_loss, test_acc
+    checkpoints: dict[int, np.ndarray]  # epoch -> flat float32 state (see zoo.weights)
+    index: list[TensorEntry]
+    train_seconds: float
+    resumed_from: int | None = None  # the epoch a resumed run continued after (not stored)
+
+
+def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
+    """Store one model: tensors, curves, checkpoints, then its `models` row (the commit)."""
+    import torch
+
+    spec, model_id = model.spec, model.spec.model_id
+    index = model.index
+    store.write_part(
+        "tensors",
+        spec.zoo,
+        model_id,
+        pa.Table.from_pylist(
+            [
+                {"model_id": model_id, "position": i, "name": e.name, "shape": list(e.shape), "offset": e.offset,
+                 "numel": e.numel, "dtype": e.dtype, "kind": e.kind}
+                for i, e in enumerate(index)
+            ],
+            schema=SCHEMAS["tensors"],
+        ),
+    )
+    store.write_part("curves", spec.zoo, model_id, pa.Table.from_pylist([{"model_id": model_id, **row} for row in model.curves], schema=SCHEMAS["curves"]))
+    n_params = n_parameters(index)
+    epochs = sorted(model.checkpoints)
+    vectors = [model.checkpoints[e] for e in epochs]
+    store.write_part(
+        "checkpoints",
+        spec.zoo,
+        model_id,
+        pa.table(
+            {
+                "model_id": [model_id] * len(epochs),
+                "epoch": pa.array(epochs, pa.int32()),
+                "n_params": [n_params] * len(epochs),
+                "n_values": [int(v.size) for v in vectors],
+                "sha256": [sha256(v) for v in vectors],
+                "weights": pa.ListArray.from_arrays(
+                    pa.array(np.cumsum([0] + [v.size for v in vectors]), pa.int32()),
+                    pa.array(np.concatenate(vectors) if vectors else np.zeros(0, np.float32), pa.float32()),
+                ),
+            },
+            schema=SCHEMAS["checkpoints"],
+        ),
+    )
+    row = {
+        "model_id": model_id,
+        "zoo": spec.zoo,
+        "arch": spec.architecture["name"],
+        "dataset": spec.dataset["name"],
+        "seed": spec.seed,
+        "load_name": spec.load_name,
+        "load": spec.load,
+        "temperature_name": spec.temperature_name,
+        "temperature": spec.temperature,
+        "n_params": n_params,
+        "status": "done",
+        "train_seconds": model.train_seconds,
+        "created_at": datetime.now(timezone.utc),
+        "code_version": code_version,
+        "torch_version": torch.__version__,
+        "config": spec.to_json(),
+    }
+    fields = list(SCHEMAS["models"])
+    for name, (value, kind) in spec.hyperparameters().items():
+        if name not in row:
+            row[name] = value if value is None or kind is not str else str(value)
+            fields.append(pa.field(name, _ARROW_TYPES[kind]))
+    store.write_part("models", spec.zoo, model_id, pa.Table.from_pylist([row], schema=pa.schema(fields)))
+    store.remove_part("failures", spec.zoo, model_id)
+
+
+def write_jobs(store: Store, zoo: str, run: str, executor: str, jobs: list[tuple[str, str]]) -> None:
+    """Record which job trains which model ((model_id, job_id) pairs), one part per run,
+    rewritten as the run submits more jobs: `zoo status` reads it."""
+    now = datetime.now(timezone.utc)
+    store.write_part("jobs", zoo, safe_name("run", run), pa.Table.from_pylist(
+        [{"model_id": m, "zoo": zoo, "job_id": j, "executor": executor, "run": run, "submitted_at": now} for m, j in jobs],
+        schema=SCHEMAS["jobs"]))
+
+
+def write_failure(store: Store, zoo: str, model_id: str, error: str, job_id: str = "") -> None:
+    store.write_part(
+        "failures",
+        zoo,
+        model_id,
+        pa.Table.from_pylist(
+            [{"model_id": model_id, "zoo": zoo, "error": error, "job_id": job_id, "failed_at": datetime.now(timezone.utc)}],
+            schema=SCHEMAS["failures"],
+        ),
+    )
+
+
+_ARROW_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
