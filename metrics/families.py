@@ -170,21 +170,26 @@ class HessianSettings(Settings):
     test_samples: int = Field(640, ge=1)
     batch_size: int = Field(64, ge=1, description="pyhessian's mini-batches (the loss is the mean over all samples either way)")
     method: Literal["krylov", "lanczos", "pyhessian"] = Field(
-        "krylov", description="krylov: top eigenvalues and trace from one block Krylov space, with deflated "
-        "Hutchinson probes (accurate and fast); lanczos: Lanczos top eigenvalues + Hutch++ trace (accurate); "
-        "pyhessian: power iteration + Hutchinson with relative-change stops (the published protocol)"
+        "krylov", description="krylov: top eigenvalues from a block Krylov space, the trace exact (see "
+        "trace_exact_max_params) or from that space plus deflated Hutchinson probes; lanczos: Lanczos top "
+        "eigenvalues, the trace exact or by Hutch++; pyhessian: power iteration + Hutchinson with relative-change "
+        "stops (the published protocol)"
     )
     top_n: int = Field(1, ge=1)
     krylov_block: int = Field(8, ge=1, description="krylov: block size (vectors per batched product)")
     krylov_max_blocks: int = Field(20, ge=1, description="krylov: most blocks")
     eig_tol: float = Field(1e-3, ge=0, description="krylov: Ritz residual stop, relative to the eigenvalue")
     lanczos_iter: int = Field(30, ge=1, description="lanczos: Lanczos steps for the top eigenvalues")
+    trace_exact_max_params: int = Field(
+        10_000, ge=0, description="krylov, lanczos: the exact trace (metrics.hessian.exact_trace: one per-sample "
+        "Jacobian) for models piecewise linear in each parameter with at most this many parameters; 0: never")
     trace_sketch: int = Field(33, ge=1, description="lanczos: Hutch++ low-rank sketch size")
-    trace_tol: float = Field(0.02, ge=0, description="krylov, lanczos: target relative standard error of the trace")
+    trace_tol: float = Field(0.005, ge=0, description="krylov, lanczos: target relative standard error of a stochastic trace")
     trace_max_probes: int = Field(200, ge=2, description="krylov, lanczos: most Hutchinson probes after the sketch")
     max_iter: int = Field(100, ge=1, description="pyhessian: iterations (eigenvalues) and probes (trace)")
     tol: float = Field(1e-3, ge=0, description="pyhessian: relative-change stop")
-    seed: int = 0
+    seed: int = Field(0, description="the family seed; each model, epoch, split and purpose draws from its own "
+                      "stream derived from it (metrics.streams.stream_seed)")
     density: bool = True
     density_iter: int = Field(30, ge=1)
     density_probes: int = Field(1, ge=1)
@@ -193,18 +198,28 @@ class HessianSettings(Settings):
 def _hessian_names(s: HessianSettings) -> list[str]:
     names = []
     for split in ("train", "test"):
-        names += [f"hessian_top_eig{'' if k == 0 else k + 1}_{split}" for k in range(s.top_n)]
-        names += [f"hessian_trace_{split}", f"hessian_trace_probes_{split}", f"hessian_samples_{split}"]
+        for k in range(s.top_n):
+            name = f"hessian_top_eig{'' if k == 0 else k + 1}"
+            names += [f"{name}_{split}", f"{name}_stderr_{split}"]
+        names += [f"hessian_trace_{split}", f"hessian_trace_stderr_{split}", f"hessian_trace_probes_{split}",
+                  f"hessian_samples_{split}"]
     return names
 
 
 @register_family("hessian", "model", HessianSettings, _hessian_names)
 def hessian(contexts: list[ModelContext], s: HessianSettings) -> list[Result]:
     """Top eigenvalue(s) and trace of the loss Hessian on the first `train_samples` training and
-    `test_samples` test samples (one block Krylov space for both, Lanczos + Hutch++, or pyhessian's
-    power iteration + Hutchinson), and the SLQ eigenvalue density on the training sample."""
-    from .hessian import (hessian_density, hessian_top_eigenvalues, hessian_trace, hutchpp_trace,
-                          krylov_top_eigenvalues_and_trace, lanczos_top_eigenvalues)
+    `test_samples` test samples (one block Krylov space, Lanczos, or pyhessian's power iteration for
+    the eigenvalues; the trace exact for small piecewise-linear models, else deflated Hutchinson,
+    Hutch++ or pyhessian's Hutchinson), each with its error bar (`*_stderr_*`: for an eigenvalue the
+    Ritz residual ||Hx - theta x||, which bounds its distance to an eigenvalue of H; for a trace the
+    probes' standard error, 0 when exact), and the SLQ eigenvalue density on the training sample.
+    Every random draw comes from a stream of its own (model id, epoch, split, purpose: see
+    metrics.streams), so errors are independent across models and reruns are bit-identical."""
+    from .hessian import (exact_trace, hessian_density, hessian_top_eigenvalues, hessian_trace, hutchpp_trace,
+                          krylov_top_eigenvalues_and_trace, lanczos_top_eigenvalues,
+                          piecewise_linear_in_each_parameter)
+    from .streams import stream_seed
 
     results = []
     for ctx in contexts:
@@ -212,30 +227,43 @@ def hessian(contexts: list[ModelContext], s: HessianSettings) -> list[Result]:
         # our Hessian-vector products run on the metrics device (the Krylov algebra stays on the
         # CPU); pyhessian, the published protocol, runs on the CPU as published
         model = ctx.model if s.method == "pyhessian" else ctx.placed
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        exact = (s.method != "pyhessian" and n_params <= s.trace_exact_max_params
+                 and piecewise_linear_in_each_parameter(model))
         for split, x, y, n in (
             ("train", ctx.data.x_train, ctx.data.y_train, s.train_samples),
             ("test", ctx.data.x_test, ctx.data.y_test, s.test_samples),
         ):
+            def seed(purpose: str) -> int:
+                return stream_seed(s.seed, f"hessian/{purpose}/{split}", ctx.model_id, ctx.epoch)
+
             sample = batches(x, y, n, s.batch_size)
             whole = batches(x, y, n, n)  # the same loss in one pass: our products need no mini-batches
             if s.method == "krylov":  # one result carries both: .eigenvalues, .trace, .n_probes
                 top = trace = krylov_top_eigenvalues_and_trace(
                     model, whole, top_n=s.top_n, block=s.krylov_block, eig_tol=s.eig_tol,
-                    max_blocks=s.krylov_max_blocks, trace_tol=s.trace_tol, max_probes=s.trace_max_probes, seed=s.seed)
+                    max_blocks=s.krylov_max_blocks, trace_tol=s.trace_tol, max_probes=s.trace_max_probes,
+                    seed=seed("krylov"), trace=not exact)
             elif s.method == "lanczos":
-                top = lanczos_top_eigenvalues(model, whole, top_n=s.top_n, n_iter=s.lanczos_iter, seed=s.seed)
-                trace = hutchpp_trace(model, whole, sketch=s.trace_sketch, tol=s.trace_tol,
-                                      max_probes=s.trace_max_probes, seed=s.seed)
+                top = lanczos_top_eigenvalues(model, whole, top_n=s.top_n, n_iter=s.lanczos_iter, seed=seed("lanczos"))
+                trace = None if exact else hutchpp_trace(model, whole, sketch=s.trace_sketch, tol=s.trace_tol,
+                                                         max_probes=s.trace_max_probes, seed=seed("hutchpp"))
             else:
-                top = hessian_top_eigenvalues(model, sample, top_n=s.top_n, max_iter=s.max_iter, tol=s.tol, seed=s.seed)
-                trace = hessian_trace(model, sample, max_iter=s.max_iter, tol=s.tol, seed=s.seed)
-            for k, value in enumerate(top.eigenvalues):
-                values[f"hessian_top_eig{'' if k == 0 else k + 1}_{split}"] = float(value)
+                top = hessian_top_eigenvalues(model, sample, top_n=s.top_n, max_iter=s.max_iter, tol=s.tol,
+                                              seed=seed("power"))
+                trace = hessian_trace(model, sample, max_iter=s.max_iter, tol=s.tol, seed=seed("hutchinson"))
+            if exact:
+                trace = exact_trace(model, whole)
+            for k, (value, residual) in enumerate(zip(top.eigenvalues, top.residuals)):
+                name = f"hessian_top_eig{'' if k == 0 else k + 1}"
+                values[f"{name}_{split}"] = float(value)
+                values[f"{name}_stderr_{split}"] = float(residual)
             values[f"hessian_trace_{split}"] = float(trace.trace)
+            values[f"hessian_trace_stderr_{split}"] = float(trace.stderr)
             values[f"hessian_trace_probes_{split}"] = float(trace.n_probes)
             values[f"hessian_samples_{split}"] = float(n_samples(sample))
             if s.density and split == "train":
-                d = hessian_density(model, whole, n_iter=s.density_iter, n_v=s.density_probes, seed=s.seed)
+                d = hessian_density(model, whole, n_iter=s.density_iter, n_v=s.density_probes, seed=seed("density"))
                 densities = [("train", float(e), float(w)) for e, w in zip(d.eigenvalues, d.weights)]
         results.append(Result(values, densities=densities))
     return results
@@ -335,13 +363,16 @@ def connectivity(a: ModelContext, b: ModelContext, s: ConnectivitySettings) -> d
     """Mode connectivity mc (and barrier height) along the linear path and the trained quadratic
     Bezier curve, on train/test loss and error, BatchNorm re-estimated at every point."""
     from .connectivity import connectivity_metrics
+    from .streams import stream_seed
 
     device = next(a.placed.parameters()).device  # (the batches go there once, not per path point)
     train = [(x.to(device), y.to(device)) for x, y in batches(a.data.x_train, a.data.y_train, s.train_samples, s.batch_size)]
     test = [(x.to(device), y.to(device)) for x, y in batches(a.data.x_test, a.data.y_test, s.test_samples, s.batch_size)]
+    # the Bezier curve's t draws come from the pair's own stream (metrics.streams)
+    pair_seed = stream_seed(s.seed, "connectivity/bezier", a.model_id, b.model_id, a.epoch)
     values = connectivity_metrics(
         a.placed, b.placed, train, test, n_points=s.n_points, bezier=s.bezier, bezier_epochs=s.bezier_epochs,
-        seed=s.seed, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
+        seed=pair_seed, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
     )
     wanted = set(_connectivity_names(s))
     return {k: float(v) for k, v in values.items() if k in wanted}

@@ -67,7 +67,7 @@ class TopEigenvalues(_Result):
     summed over the ``top_n`` eigenvalues; ``n_samples`` is the number of data samples.
     """
 
-    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvalues",)
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvalues", "residuals")
 
     eigenvalues: list[float]
     top_n: int
@@ -76,6 +76,7 @@ class TopEigenvalues(_Result):
     seed: int
     n_samples: int
     iterations: int
+    residuals: list[float] = field(default_factory=list, repr=False)  # ||H x - theta x|| per eigenvalue
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,25 @@ class HessianTrace(_Result):
     tol: float
     seed: int
     n_samples: int
+
+    @property
+    def stderr(self) -> float:
+        """The estimated standard error of ``trace``: the sample standard deviation of the probe
+        values over sqrt(their number); 0 when no probe was needed (the trace is exact)."""
+        return _stderr(self.vhv)
+
+
+@dataclass(frozen=True)
+class ExactTrace(_Result):
+    """tr(H) computed exactly (see ``exact_trace``); ``stderr`` is 0."""
+
+    _VALUE_FIELDS: ClassVar[tuple[str, ...]] = ("trace",)
+
+    trace: float
+    n_samples: int
+
+    n_probes: ClassVar[int] = 0  # no Hessian-vector product probes
+    stderr: ClassVar[float] = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,12 @@ class TopEigenvaluesAndTrace(_Result):
     n_samples: int
     krylov_dim: int
     n_probes: int
+
+    @property
+    def stderr(self) -> float:
+        """The estimated standard error of ``trace`` (given the Krylov space, on which the trace
+        is exact): the deflated probe values' standard deviation over sqrt(their number)."""
+        return _stderr(self.vhv)
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,11 +196,19 @@ def hessian_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1,
         raise ValueError(f"top_n={top_n} exceeds the number of trainable parameters")
     _check_cpu(params)
     with _pyhessian_session(model, batches, seed) as hess:
-        eigenvalues, _ = hess.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
+        eigenvalues, vectors = hess.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
         iterations = hess.hvp_calls
+    # the residual ||H x - theta x|| of each returned pair (one more product each, not counted)
+    residuals = []
+    with eval_mode(model):
+        for theta, vector in zip(eigenvalues, vectors):
+            x = torch.cat([v.detach().reshape(-1) for v in vector]).double()
+            x = x / torch.linalg.vector_norm(x)
+            hx = _hvp_flat(model, params, batches, n_samples, x)
+            residuals.append(float(torch.linalg.vector_norm(hx - float(theta) * x)))
     return TopEigenvalues(eigenvalues=[float(e) for e in eigenvalues], top_n=top_n,
                           max_iter=max_iter, tol=tol, seed=seed, n_samples=n_samples,
-                          iterations=iterations)
+                          iterations=iterations, residuals=residuals)
 
 
 def hessian_trace(model: nn.Module, batches: Batches, max_iter: int = 100, tol: float = 1e-3,
@@ -218,7 +252,7 @@ def hessian_density(model: nn.Module, batches: Batches, n_iter: int = 100, n_v: 
         for _ in range(n_v):
             start = torch.randint(0, 2, (n_params,), generator=generator,
                                   dtype=torch.float64) * 2 - 1
-            alphas, betas = _lanczos(matvec, start, n_iter)
+            alphas, betas, _ = _lanczos(matvec, start, n_iter)
             theta, u = torch.linalg.eigh(_tridiagonal(alphas, betas))
             nodes.append(theta)
             weights.append(u[0] ** 2 / n_v)
@@ -245,10 +279,14 @@ def lanczos_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1, 
     generator = torch.Generator().manual_seed(seed)
     start = torch.randint(0, 2, (n_params,), generator=generator, dtype=torch.float64) * 2 - 1
     with eval_mode(model):
-        alphas, betas = _lanczos(lambda v: _hvp_flat(model, params, batches, n_samples, v), start, max(n_iter, top_n))
-    ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas)).flip(0)
-    return TopEigenvalues(eigenvalues=[float(r) for r in ritz[:top_n]], top_n=top_n, max_iter=n_iter, tol=0.0,
-                          seed=seed, n_samples=n_samples, iterations=len(alphas))
+        alphas, betas, last = _lanczos(lambda v: _hvp_flat(model, params, batches, n_samples, v), start, max(n_iter, top_n))
+    ritz, u = torch.linalg.eigh(_tridiagonal(alphas, betas))
+    ritz, u = ritz.flip(0)[:top_n], u.flip(1)[:, :top_n]
+    # the Ritz pair's residual ||H x - theta x|| is the next off-diagonal entry times the last
+    # component of its eigenvector of T (full reorthogonalisation keeps this identity honest)
+    residuals = (last * u[-1].abs()).tolist()
+    return TopEigenvalues(eigenvalues=[float(r) for r in ritz], top_n=top_n, max_iter=n_iter, tol=0.0,
+                          seed=seed, n_samples=n_samples, iterations=len(alphas), residuals=residuals)
 
 
 def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: float = 0.01,
@@ -297,7 +335,7 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
 def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: int = 1, block: int = 8,
                                      eig_tol: float = 1e-3, max_blocks: int = 20, trace_tol: float = 0.02,
                                      max_probes: int = 200, min_probes: int = 10,
-                                     seed: int = 0) -> TopEigenvaluesAndTrace:
+                                     seed: int = 0, trace: bool = True) -> TopEigenvaluesAndTrace:
     """Top ``top_n`` eigenvalues and the trace of the Hessian from one block Krylov space.
 
     Block Lanczos (full reorthogonalisation) from a block S of ``max(block, top_n)`` Rademacher
@@ -312,6 +350,8 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
     are used (never fewer than ``min_probes``). Exact once the space reaches the parameter count.
     Every Hessian-vector product serves both quantities, and each block of them is one batched
     double-backward pass. Deterministic for a given ``seed``; the global torch RNG is untouched.
+    ``trace=False`` draws no probes (for the eigenvalues alone): the trace is then NaN unless the
+    space spans every parameter.
     """
     # Written here: no library offers a block Krylov eigensolver over a matrix-free batched
     # operator that also hands back its basis for trace deflation (torch.lobpcg needs an explicit
@@ -368,7 +408,7 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
         low_rank = float(torch.trace(t))
         vhv: list[float] = []
         exhausted = q.shape[1] >= n_params  # the space spans everything: the trace is exact
-        while not exhausted and len(vhv) < max_probes:
+        while trace and not exhausted and len(vhv) < max_probes:
             probes = deflate(rademacher(min(10, max_probes - len(vhv))), q)
             vhv += (probes * apply(probes)).sum(0).tolist()
             if len(vhv) >= max(min_probes, 2):
@@ -376,11 +416,85 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
                 if stderr <= trace_tol * abs(low_rank + float(np.mean(vhv))):
                     break
     rest_trace = float(np.mean(vhv)) if vhv else 0.0
+    total = low_rank + rest_trace if trace or exhausted else float("nan")
     return TopEigenvaluesAndTrace(
-        eigenvalues=theta.tolist(), trace=low_rank + rest_trace, residuals=residuals.tolist(), vhv=vhv,
+        eigenvalues=theta.tolist(), trace=total, residuals=residuals.tolist(), vhv=vhv,
         top_n=top_n, block=block, eig_tol=eig_tol, max_blocks=max_blocks, trace_tol=trace_tol,
         max_probes=max_probes, min_probes=min_probes, seed=seed, n_samples=n_samples,
         krylov_dim=q.shape[1], n_probes=q.shape[1] + len(vhv))
+
+
+# Leaf modules whose output is linear in each of their own parameters and piecewise linear in
+# their input (BatchNorm with running statistics, i.e. in eval mode): a network made of these
+# alone, each parameter used once, is piecewise linear in every single parameter.
+_PIECEWISE_LINEAR_LEAVES = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity,
+)
+
+
+def piecewise_linear_in_each_parameter(model: nn.Module) -> bool:
+    """Whether ``model`` is an ``nn.Sequential`` tree of the leaf types above (BatchNorm with
+    running statistics), no module or parameter used twice. For such a model each output is,
+    as a function of any single parameter (the others fixed), piecewise linear, so its second
+    derivative in that parameter is 0 (almost everywhere, and in autograd) and the diagonal of
+    the loss Hessian equals the diagonal of the generalised Gauss-Newton matrix. A residual
+    block or any custom ``forward`` is refused: its code cannot be checked."""
+    modules = list(model.modules())
+    if len(modules) != len(list(model.modules(remove_duplicate=False))):
+        return False
+    if len(list(model.parameters())) != len(list(model.named_parameters(remove_duplicate=False))):
+        return False
+    for m in modules:
+        if type(m) is nn.Sequential:
+            continue
+        if type(m) not in _PIECEWISE_LINEAR_LEAVES:
+            return False
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            return False
+    return True
+
+
+def exact_trace(model: nn.Module, batches: Batches, chunk_elements: int = 2**24) -> ExactTrace:
+    """tr(H) exactly, at the cost of one per-sample Jacobian of the logits, for the models of
+    ``piecewise_linear_in_each_parameter`` (ValueError otherwise).
+
+    For the mean cross-entropy, H = (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n + (1/N) sum_n
+    sum_c (p_nc - y_nc) d^2 f_nc; the second term has a zero diagonal for these models, so
+    tr(H) = (1/N) sum_n sum_c p_nc ||J_nc - sum_k p_nk J_nk||^2 (J_nc: the gradient of logit c
+    of sample n). Every term is a square, so the float32 Jacobians lose nothing to cancellation
+    (the sums run in float64; 1e-6 relative against the float64 exact Hessian). Computed per chunk of samples holding at most ``chunk_elements`` Jacobian
+    entries. A per-sample Jacobian of C logits costs about C backward passes, against one product
+    per parameter for the diagonal of H by Hessian-vector products."""
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    if not piecewise_linear_in_each_parameter(model):
+        raise ValueError("exact_trace needs a model piecewise linear in each parameter "
+                         "(an nn.Sequential of Linear, Conv, BatchNorm, ReLU, pooling, Flatten)")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    device = params[0].device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with eval_mode(model), torch.no_grad():
+        detached = {n: p.detach() for n, p in zip(names, params)}
+
+        def logits(theta: dict, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, theta, (x.unsqueeze(0),)).squeeze(0)
+
+        jacobians = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))
+        for x, _ in batches:
+            x = x.to(device)
+            n_classes = model(x[:1]).shape[-1]
+            chunk = max(1, chunk_elements // (n_classes * n_params))
+            for part in x.split(chunk):
+                with torch.enable_grad():
+                    jac = jacobians(detached, part)
+                j = torch.cat([jac[n].reshape(len(part), n_classes, -1) for n in names], dim=2)
+                p = torch.softmax(model(part), dim=-1)
+                centred = j - torch.einsum("nc,ncp->np", p, j).unsqueeze(1)
+                total += (p.double() * centred.square().sum(2, dtype=torch.float64)).sum()
+    return ExactTrace(trace=float(total) / n_samples, n_samples=n_samples)
 
 
 def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -417,11 +531,12 @@ def hvp(model: nn.Module, batches: Batches, v: torch.Tensor) -> torch.Tensor:
         return _hvp_flat(model, params, batches, n_samples, v).to(v.dtype)
 
 
-def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], list[float]]:
+def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], list[float], float]:
     """Lanczos tridiagonalisation with full reorthogonalisation, in float64.
 
     Returns the diagonal ``alphas`` and off-diagonal ``betas`` of T (len(betas) ==
-    len(alphas) - 1). Each new direction is orthogonalised against all previous ones twice
+    len(alphas) - 1), and the norm of the last residual (the next off-diagonal entry; 0 after
+    a breakdown or when the space is exhausted). Each new direction is orthogonalised against all previous ones twice
     (classical Gram-Schmidt, "twice is enough"). Stops early when the residual norm falls
     below 10 float32 epsilons (the usual precision of the products) times the largest entry
     of T so far, i.e. an invariant subspace has been found, or after ``len(start)`` steps.
@@ -443,11 +558,22 @@ def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], lis
             w = w - previous.T @ (previous @ w)
         beta = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(alphas[-1]), beta)
-        if j == steps - 1 or beta <= breakdown * scale:
+        if beta <= breakdown * scale or len(alphas) == start.numel():
+            return alphas, betas, 0.0
+        if j == steps - 1:
             break
         betas.append(beta)
         v = w / beta
-    return alphas, betas
+    return alphas, betas, beta
+
+
+def _stderr(values: list[float]) -> float:
+    """Standard deviation (ddof=1) over sqrt(n); 0 for no values, NaN for one."""
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return float("nan")
+    return float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
