@@ -184,7 +184,7 @@ class HessianSettings(Settings):
         10_000, ge=0, description="krylov, lanczos: the exact trace (metrics.hessian.exact_trace: one per-sample "
         "Jacobian) for models piecewise linear in each parameter with at most this many parameters; 0: never")
     trace_sketch: int = Field(33, ge=1, description="lanczos: Hutch++ low-rank sketch size")
-    trace_tol: float = Field(0.005, ge=0, description="krylov, lanczos: target relative standard error of a stochastic trace")
+    trace_tol: float = Field(0.01, ge=0, description="krylov, lanczos: target relative standard error of a stochastic trace")
     trace_max_probes: int = Field(200, ge=2, description="krylov, lanczos: most Hutchinson probes after the sketch")
     max_iter: int = Field(100, ge=1, description="pyhessian: iterations (eigenvalues) and probes (trace)")
     tol: float = Field(1e-3, ge=0, description="pyhessian: relative-change stop")

@@ -21,6 +21,12 @@ each submodule's training flag and the parameters' ``.grad`` as they were before
   space, exactly, and Hutchinson probes projected off it estimate the rest ("Krylov-aware" trace
   estimation, Chen & Hallman 2023). The space contains Hutch++'s sketch range(HS), so the same
   products serve both quantities, and they are computed a block at a time.
+- The exact trace, ``exact_trace``: for models piecewise linear in each parameter (Linear, Conv,
+  BatchNorm in eval mode, ReLU, pooling) the Hessian's diagonal is the Gauss-Newton diagonal, so
+  tr(H) follows from one per-sample Jacobian of the logits (about C backward passes for C
+  classes), against one Hessian-vector product per parameter for the diagonal of H otherwise.
+- Error bars: eigenvalue results carry their Ritz residuals ||H x - theta x|| (a bound on the
+  distance to an eigenvalue of H); trace results a ``stderr`` (0 when exact).
 - The spectral density is stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019,
   "An Investigation into Neural Net Optimization via Hessian Eigenvalue Density"), written
   here because PyHessian 0.1's ``density()`` calls ``torch.eig``, which torch removed.
