@@ -319,7 +319,7 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
 
     with eval_mode(model):
         def apply(block: torch.Tensor) -> torch.Tensor:
-            return _hvp_block(model, params, batches, n_samples, block)
+            return hvp_block(model, params, batches, n_samples, block)
 
         q, _ = torch.linalg.qr(apply(rademacher(min(sketch, n_params))))
         low_rank = float(torch.trace(q.T @ apply(q)))
@@ -389,7 +389,7 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
 
     with eval_mode(model):
         def apply(v: torch.Tensor) -> torch.Tensor:
-            return _hvp_block(model, params, batches, n_samples, v)
+            return hvp_block(model, params, batches, n_samples, v)
 
         start = rademacher(min(max(block, top_n), n_params))
         new = _orthonormal_columns(start, 1e-8 * float(torch.linalg.matrix_norm(start, 2)))
@@ -602,7 +602,7 @@ def _hvp_flat(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_
     return torch.cat([t.reshape(-1) for t in total]).to(v.device, torch.float64)
 
 
-def _hvp_block(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_samples: int,
+def hvp_block(model: nn.Module, params: list[nn.Parameter], batches: Batches, n_samples: int,
                block: torch.Tensor) -> torch.Tensor:
     """H V for the columns of ``block`` (n_params x k), as a float64 matrix of the same shape.
 

@@ -33,7 +33,7 @@ import torch
 
 import zoo
 from metrics.families import FAMILIES, ModelContext
-from metrics.hessian import _hvp_block
+from metrics.hessian import hvp_block
 from metrics.modes import eval_mode
 
 SETTINGS = {
@@ -58,7 +58,7 @@ def exact(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[flo
             rows = torch.arange(start, min(start + 256, n_params))
             units = torch.zeros(n_params, len(rows), dtype=torch.float64)
             units[rows, torch.arange(len(rows))] = 1
-            hessian[:, start:start + len(rows)] = _hvp_block(m64, params, [(x.double(), y)], len(x), units).numpy()
+            hessian[:, start:start + len(rows)] = hvp_block(m64, params, [(x.double(), y)], len(x), units).numpy()
     hessian = (hessian + hessian.T) / 2
     top = scipy.sparse.linalg.eigsh(hessian, k=1, which="LA", tol=1e-12, return_eigenvectors=False)[0]
     return float(np.trace(hessian)), float(top)
@@ -114,7 +114,7 @@ def main() -> None:
 
     print(f"\n{len(models)} models of {args.zoo} with width <= {args.max_width}, final epoch; relative errors "
           f"against the exact float64 Hessian; 'in 3 se': |error| <= 3 stored stderr + {FLOAT_FLOOR:g} relative")
-    print(f"| method | split | quantity | median error | max error | within bound | in 3 se | s/model |")
+    print("| method | split | quantity | median error | max error | within bound | in 3 se | s/model |")
     print("|---|---|---|---|---|---|---|---|")
     for name in SETTINGS:
         for split in ("train", "test"):

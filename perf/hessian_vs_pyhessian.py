@@ -24,7 +24,7 @@ import torch
 
 from generators.training import train
 from metrics.families import HessianSettings
-from metrics.hessian import (_hvp_block, exact_hessian, hessian_top_eigenvalues, hessian_trace, hutchpp_trace, hvp,
+from metrics.hessian import (hvp_block, exact_hessian, hessian_top_eigenvalues, hessian_trace, hutchpp_trace, hvp,
                              krylov_top_eigenvalues_and_trace, lanczos_top_eigenvalues)
 from metrics.modes import eval_mode
 from zoo.architectures import build_model
@@ -50,7 +50,7 @@ def exact(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[flo
             rows = torch.arange(start, min(start + 256, n_params))
             units = torch.zeros(n_params, len(rows), dtype=torch.float64)
             units[rows, torch.arange(len(rows))] = 1
-            diagonal[rows] = _hvp_block(m64, params, batches, len(x), units)[rows, torch.arange(len(rows))]
+            diagonal[rows] = hvp_block(m64, params, batches, len(x), units)[rows, torch.arange(len(rows))]
     operator = scipy.sparse.linalg.LinearOperator(
         (n_params, n_params), dtype=np.float64,
         matvec=lambda v: hvp(m64, batches, torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy())

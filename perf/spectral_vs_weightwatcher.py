@@ -38,7 +38,7 @@ import scipy.linalg
 import torch
 
 from generators.training import train
-from metrics.spectral import _eigenvalues, layer_matrices, spectral_metrics_many
+from metrics.spectral import layer_eigenvalues, layer_matrices, spectral_metrics_many
 from zoo.architectures import build_model
 from zoo.catalog import parse_zoo
 from zoo.datasets import load_dataset
@@ -142,7 +142,7 @@ def main() -> None:
             spectral_metrics_many(by_width[width], farms_window=None)
             seconds_width[width] = min(seconds_width[width], time.perf_counter() - start)
             start = time.perf_counter()
-            _eigenvalues(matrices[width])
+            layer_eigenvalues(matrices[width])
             seconds_spectra[width] = min(seconds_spectra[width], time.perf_counter() - start)
             arrays = [w.double().numpy() for w in matrices[width]]
             start = time.perf_counter()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrics.hessian import (_hvp_block, exact_hessian, exact_trace, hessian_density, hessian_top_eigenvalues,
+from metrics.hessian import (hvp_block, exact_hessian, exact_trace, hessian_density, hessian_top_eigenvalues,
                              hessian_trace, hutchpp_trace, hvp, krylov_top_eigenvalues_and_trace,
                              lanczos_top_eigenvalues, piecewise_linear_in_each_parameter)
 from metrics.streams import stream_seed
@@ -113,7 +113,7 @@ def test_hvp_block_matches_exact(mlp_case):
     model, batches, hess, _ = mlp_case
     block = torch.randn(hess.shape[0], 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected = hess @ block
-    got = _hvp_block(model, list(model.parameters()), batches, N_SAMPLES, block)
+    got = hvp_block(model, list(model.parameters()), batches, N_SAMPLES, block)
     assert got.shape == block.shape and got.dtype == torch.float64
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
@@ -276,7 +276,7 @@ def test_parameters_unused_by_the_loss_get_zero_rows():
     v = torch.ones(2 * (8 * 3 + 3))
     product = hvp(model, _batches(x, y), v)
     assert torch.all(product[27:] == 0) and torch.any(product[:27] != 0)
-    block = _hvp_block(model, list(model.parameters()), _batches(x, y), N_SAMPLES, torch.ones(54, 2, dtype=torch.float64))
+    block = hvp_block(model, list(model.parameters()), _batches(x, y), N_SAMPLES, torch.ones(54, 2, dtype=torch.float64))
     assert torch.allclose(block[:, 0], product.double(), atol=1e-6) and torch.all(block[27:] == 0)
 
 
