@@ -36,7 +36,7 @@ from typing import Callable
 
 from safetensors import SafetensorError
 
-from .errors import StorageError
+from .errors import StorageError, one_line
 
 MANIFEST = ".checksums"
 QUARANTINE = "quarantine"
@@ -56,7 +56,7 @@ def temporary_name(path: Path) -> Path:
 def write_error(path: Path, e: Exception) -> StorageError:
     """The one-line error for a write that failed (full disk, read-only root, ...)."""
     code = getattr(e, "errno", None)
-    text = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    text = getattr(e, "strerror", None) or one_line(e)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(e) or "File too large" in str(e):
         hint = " (the disk is full: free space, then rerun; nothing partial was kept)"
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in str(e):

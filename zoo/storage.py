@@ -46,6 +46,7 @@ from .matrices import read_rows, write_matrices
 from .locks import exclusive_lock, shared_lock
 from .rootfs import entries
 from .schemas import SCHEMA_VERSION, SCHEMAS
+from .weights import sha256
 
 INDEX_FILE = "zoo.duckdb"
 PACKED_TABLES = ("checkpoints", "curves", "tensors", "models")  # the models row last: the commit
@@ -90,6 +91,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike | None = None, create: bool = False):
         self.root = Path(root if root is not None else default_root()).resolve()
+        self.lock_timeout: float | None = None  # seconds a lock may be waited for (None: for ever)
         if create:
             self._create()
         elif not (self.root / "tables").is_dir():
@@ -188,8 +190,8 @@ class Store:
         for name in self.names(folder):
             if name.startswith(PACK_PREFIX) and name.endswith((".parquet", PENDING)):
                 ids.update(_model_ids(folder / name))
-            elif part_key(name):
-                ids.add(part_key(name))
+            elif key := part_key(name):
+                ids.add(key)
         return ids
 
     def read_part(self, table: str, zoo: str, key: str) -> pa.Table | None:
@@ -289,23 +291,22 @@ class Store:
 
     # --- packing -------------------------------------------------------------------------
 
-    # Each lock below waits for ever, or at most `timeout` seconds (default: the store's
-    # `lock_timeout`, if one was set, as `zoo verify --timeout` does), then raises a one-line ZooError.
+    # Each lock below waits for ever, or at most `lock_timeout` seconds (`zoo verify --timeout`
+    # sets it), then raises a one-line ZooError.
 
-    def reading(self, timeout: float | None = None):
+    def reading(self):
         """Held by every read (SQL queries, stored ids, rows, weights): files are removed or
         renamed only between reads, so a reader never finds a listed file gone, a model in two
         files at once, or in none (the lock is `.read.lock`; a query holds it for its duration)."""
-        return shared_lock(self.root / ".read.lock", timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
+        return shared_lock(self.root / ".read.lock", timeout=self.lock_timeout)
 
-    def removing(self, timeout: float | None = None):
+    def removing(self):
         """Held, exclusively and briefly, while part files are removed or packs renamed."""
-        return shared_lock(self.root / ".read.lock", exclusive=True,
-                            timeout=getattr(self, "lock_timeout", None) if timeout is None else timeout)
+        return shared_lock(self.root / ".read.lock", exclusive=True, timeout=self.lock_timeout)
 
-    def packing(self, wait: bool = False, timeout: float | None = None):
+    def packing(self, wait: bool = False):
         """The packer's lock: whoever holds it may rewrite and remove packs."""
-        return exclusive_lock(self.root / ".pack.lock", wait, getattr(self, "lock_timeout", None) if timeout is None else timeout)
+        return exclusive_lock(self.root / ".pack.lock", wait, self.lock_timeout)
 
     def pack(self, zoo: str) -> int:
         """Merge the per-model parts of `zoo`'s stored models into pack files (at most about
@@ -491,7 +492,7 @@ def _check_hashes(matrices: Path, pack: Path, blocks: list[tuple[list[str], np.n
     expected = dict(zip(recorded.column("model_id").to_pylist(), recorded.column("sha256").to_pylist()))
     for ids, block in blocks:
         for model_id, row in zip(ids, block):
-            if hashlib.sha256(np.ascontiguousarray(row, dtype="<f4")).hexdigest() != expected.get(model_id):
+            if sha256(row) != expected.get(model_id):
                 raise ZooError(f"damaged file {matrices}: the weights of model {model_id!r} at epoch {epoch} do not match "
                                f"the sha256 recorded in {pack.name} (run `zoo verify --root {pack.parents[3]}`)")
 
@@ -513,5 +514,5 @@ def _model_ids(path: Path) -> list[str]:
     try:
         return pq.read_table(path, columns=["model_id"]).column(0).to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise ZooError(f"damaged file {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+        raise ZooError(f"damaged file {path} ({one_line(e)}): "
                        f"run `zoo verify --root {path.parents[3]}` to quarantine it") from None

@@ -66,4 +66,4 @@ def n_parameters(index: list[TensorEntry]) -> int:
 
 def sha256(vector: np.ndarray) -> str:
     """Hash of the little-endian float32 bytes: equal hashes mean bitwise-equal weights."""
-    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4")).hexdigest()
