@@ -65,12 +65,17 @@ def part_key(name: str) -> str | None:
     if not name.endswith(".parquet") or name.startswith(PACK_PREFIX):
         return None
     key = name[: -len(".parquet")]
-    return key if _SAFE_NAME.match(key) and ".." not in key else None
+    return key if is_safe_name(key) else None
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether `name` may be a path component: no separators, no '..', no hidden files."""
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
 
 
 def safe_name(kind: str, name: str) -> str:
-    """A zoo name or model id used as a path component: no separators, no '..', no hidden files."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    """A zoo name or model id used as a path component (`is_safe_name`), or one line saying not."""
+    if not is_safe_name(name):
         raise ZooError(f"invalid {kind} {name!r}: use letters, digits, '.', '_' and '-'")
     return name
 

@@ -25,9 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import ZooError
 from .integrity import QUARANTINE, Damage, Verification, check_file, quarantine, recorded, temporary_name, write_error
-from .storage import INDEX_FILE, MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING, RESUME_DIR, Store, safe_name
+from .storage import INDEX_FILE, MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING, RESUME_DIR, Store, is_safe_name
 
 DATA_SUFFIXES = (".parquet", PENDING, MATRIX_SUFFIX)
 MISSING = "listed in the manifest but missing"
@@ -103,8 +102,8 @@ def _check_tables(root: Path, zoo: str | None, report: Verification) -> list[tup
 
     def folders(base: Path) -> list[Path]:  # real subfolders; those with unsafe names are reported
         subs = [p for p in sorted(base.iterdir()) if p.is_dir() and not p.is_symlink()] if _real_dir(base) else []
-        found.extend((p, UNSAFE) for p in subs if not _safe(p.name))
-        return [p for p in subs if _safe(p.name)]
+        found.extend((p, UNSAFE) for p in subs if not is_safe_name(p.name))
+        return [p for p in subs if is_safe_name(p.name)]
 
     folders(root / RESUME_DIR)
     for table_dir in folders(root / "tables"):
@@ -122,7 +121,7 @@ def _check_tables(root: Path, zoo: str | None, report: Verification) -> list[tup
                     continue
                 if not path.name.endswith(DATA_SUFFIXES):
                     continue
-                if folder != table_dir and not _safe(_stem(path.name)):  # (readers take it for a model id)
+                if folder != table_dir and not is_safe_name(_stem(path.name)):  # (readers take it for a model id)
                     found.append((path, UNSAFE))
                     continue
                 on_record = records.get(path.name)
@@ -185,7 +184,7 @@ def _repair(store: Store, zoo: str | None, report: Verification, found: list[tup
     touched = set().union(*(_touched(d.path) for d in report.damaged))
     if EVERY_ZOO in touched:
         touched = {p.name for p in store.table_dir("models").iterdir() if p.is_dir()}
-    for name in sorted(filter(_safe, touched)):
+    for name in sorted(filter(is_safe_name, touched)):
         lost = _incomplete_models(store, name)
         if lost:
             _unstore(store, name, lost)
@@ -219,7 +218,7 @@ def _unstore(store: Store, zoo: str, model_ids: set[str]) -> None:
     store.finish_packs(zoo)
     folder = store.zoo_dir("models", zoo)
     reason = "un-stored: the model's rows in another table were in a damaged or missing file"
-    for model_id in sorted(m for m in model_ids if _safe(m)):
+    for model_id in sorted(m for m in model_ids if is_safe_name(m)):
         part = store.part_path("models", zoo, model_id)
         if part.exists():
             with store.removing():
@@ -234,14 +233,6 @@ def _unstore(store: Store, zoo: str, model_ids: set[str]) -> None:
             quarantine(store.root, pack, reason)
         if len(rest):
             store.write_pack("models", zoo, rest)
-
-
-def _safe(name: str) -> bool:
-    try:
-        safe_name("name", name)
-        return True
-    except ZooError:
-        return False
 
 
 def _stem(name: str) -> str:
