@@ -181,8 +181,9 @@ class HessianSettings(Settings):
     eig_tol: float = Field(1e-3, ge=0, description="krylov: Ritz residual stop, relative to the eigenvalue")
     lanczos_iter: int = Field(30, ge=1, description="lanczos: Lanczos steps for the top eigenvalues")
     trace_exact_max_params: int = Field(
-        10_000, ge=0, description="krylov, lanczos: the exact trace (metrics.hessian.exact_trace: one per-sample "
-        "Jacobian) for models piecewise linear in each parameter with at most this many parameters; 0: never")
+        1_000_000_000, ge=0, description="krylov, lanczos: the exact trace (metrics.hessian.exact_trace: C + 1 passes "
+        "over the samples for C classes, far cheaper than probes) for models piecewise linear in each parameter with "
+        "at most this many parameters; 0: never (the stochastic path, for comparison)")
     trace_sketch: int = Field(33, ge=1, description="lanczos: Hutch++ low-rank sketch size")
     trace_tol: float = Field(0.01, ge=0, description="krylov, lanczos: target relative standard error of a stochastic trace")
     trace_max_probes: int = Field(200, ge=2, description="krylov, lanczos: most Hutchinson probes after the sketch")

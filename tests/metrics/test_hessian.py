@@ -323,7 +323,17 @@ def test_exact_trace_matches_the_exact_hessian_on_relu_and_batchnorm_models():
     cnn.train()
     cnn(images)  # running statistics away from their initial values
     _trained(cnn, images, y, steps=5, lr=0.1)
-    for model, inputs in ((mlp, x), (cnn, images)):
+    # the other layer forms the layer-by-layer products must get right: stride, dilation and
+    # padding of a bias-free convolution, BatchNorm1d on features, average pooling, a Linear
+    # applied at every position of a sequence (its per-sample gradient sums over positions)
+    strided = nn.Sequential(nn.Conv2d(1, 2, 2, stride=2, padding=1, dilation=2), nn.ReLU(), nn.AvgPool2d(2),
+                            nn.Flatten(), nn.Linear(2, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    strided.train()
+    strided(images)
+    strided = _trained(strided, images, y, steps=5, lr=0.1)
+    sequence = nn.Sequential(nn.Unflatten(1, (4, 2)), nn.Linear(2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
+    sequence = _trained(sequence, x, y)
+    for model, inputs in ((mlp, x), (cnn, images), (strided, images), (sequence, x)):
         assert piecewise_linear_in_each_parameter(model)
         exact = exact_hessian(model, inputs, y)
         result = exact_trace(model, list(zip(inputs.split(BATCH_SIZES), y.split(BATCH_SIZES))), chunk_elements=500)
@@ -338,6 +348,9 @@ def test_exact_trace_refuses_models_it_cannot_vouch_for(mlp_case):
     shared = nn.Linear(3, 3)
     assert not piecewise_linear_in_each_parameter(nn.Sequential(shared, nn.ReLU(), shared))
     assert not piecewise_linear_in_each_parameter(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False)))
+    assert not piecewise_linear_in_each_parameter(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)))
+    assert not piecewise_linear_in_each_parameter(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))
+    assert not piecewise_linear_in_each_parameter(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")))
     with pytest.raises(ValueError, match="piecewise linear in each parameter"):
         exact_trace(model, mlp_case[1])
 
