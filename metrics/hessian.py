@@ -277,11 +277,7 @@ def lanczos_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1, 
     count. ``iterations`` is the number of Hessian-vector products taken."""
     _check_positive_int(top_n, "top_n")
     _check_positive_int(n_iter, "n_iter")
-    batches, n_samples = _check_batches(batches)
-    params = _trainable_parameters(model)
-    n_params = sum(p.numel() for p in params)
-    if top_n > n_params:
-        raise ValueError(f"top_n ({top_n}) exceeds the number of parameters ({n_params})")
+    batches, n_samples, params, n_params = _eigenproblem(model, batches, top_n)
     generator = torch.Generator().manual_seed(seed)
     start = torch.randint(0, 2, (n_params,), generator=generator, dtype=torch.float64) * 2 - 1
     with eval_mode(model):
@@ -323,16 +319,8 @@ def hutchpp_trace(model: nn.Module, batches: Batches, sketch: int = 33, tol: flo
 
         q, _ = torch.linalg.qr(apply(rademacher(min(sketch, n_params))))
         low_rank = float(torch.trace(q.T @ apply(q)))
-        vhv: list[float] = []
         exhausted = q.shape[1] >= n_params  # the sketch spans everything: the trace is exact
-        while not exhausted and len(vhv) < max_probes:
-            block = rademacher(min(10, max_probes - len(vhv)))
-            block = block - q @ (q.T @ block)
-            vhv += (block * apply(block)).sum(0).tolist()
-            if len(vhv) >= max(min_probes, 2):
-                stderr = float(np.std(vhv, ddof=1) / np.sqrt(len(vhv)))
-                if stderr <= tol * abs(low_rank + float(np.mean(vhv))):
-                    break
+        vhv = [] if exhausted else _deflated_probes(apply, rademacher, q, low_rank, tol, max_probes, min_probes)
     rest = float(np.mean(vhv)) if vhv else 0.0
     return HessianTrace(trace=low_rank + rest, vhv=vhv, n_probes=2 * q.shape[1] + len(vhv),
                         max_iter=max_probes, tol=tol, seed=seed, n_samples=n_samples)
@@ -371,21 +359,12 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
         raise ValueError(f"eig_tol must be >= 0, got {eig_tol!r}")
     if not trace_tol >= 0:
         raise ValueError(f"trace_tol must be >= 0, got {trace_tol!r}")
-    batches, n_samples = _check_batches(batches)
-    params = _trainable_parameters(model)
-    n_params = sum(p.numel() for p in params)
-    if top_n > n_params:
-        raise ValueError(f"top_n ({top_n}) exceeds the number of parameters ({n_params})")
+    batches, n_samples, params, n_params = _eigenproblem(model, batches, top_n)
     generator = torch.Generator().manual_seed(seed)
     breakdown = 10 * torch.finfo(torch.float32).eps  # the products' precision, as in _lanczos
 
     def rademacher(columns: int) -> torch.Tensor:
         return torch.randint(0, 2, (n_params, columns), generator=generator, dtype=torch.float64) * 2 - 1
-
-    def deflate(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        for _ in range(2):  # classical Gram-Schmidt twice
-            w = w - q @ (q.T @ w)
-        return w
 
     with eval_mode(model):
         def apply(v: torch.Tensor) -> torch.Tensor:
@@ -407,20 +386,13 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
             converged = bool((residuals <= torch.clamp(eig_tol * theta.abs(), min=breakdown * scale)).all())
             if q.shape[1] >= n_params or (converged and len(bases) >= 2) or len(bases) == max_blocks:
                 break
-            rest = deflate(images[-1], q)
-            new = deflate(_orthonormal_columns(rest, breakdown * max(scale, float(torch.linalg.matrix_norm(t, 2)))), q)
+            rest = _deflate(images[-1], q)
+            new = _deflate(_orthonormal_columns(rest, breakdown * max(scale, float(torch.linalg.matrix_norm(t, 2)))), q)
             if new.shape[1] == 0:  # an invariant subspace: the Ritz values are eigenvalues
                 break
         low_rank = float(torch.trace(t))
-        vhv: list[float] = []
         exhausted = q.shape[1] >= n_params  # the space spans everything: the trace is exact
-        while trace and not exhausted and len(vhv) < max_probes:
-            probes = deflate(rademacher(min(10, max_probes - len(vhv))), q)
-            vhv += (probes * apply(probes)).sum(0).tolist()
-            if len(vhv) >= max(min_probes, 2):
-                stderr = float(np.std(vhv, ddof=1) / np.sqrt(len(vhv)))
-                if stderr <= trace_tol * abs(low_rank + float(np.mean(vhv))):
-                    break
+        vhv = _deflated_probes(apply, rademacher, q, low_rank, trace_tol, max_probes, min_probes) if trace and not exhausted else []
     rest_trace = float(np.mean(vhv)) if vhv else 0.0
     total = low_rank + rest_trace if trace or exhausted else float("nan")
     return TopEigenvaluesAndTrace(
@@ -625,6 +597,29 @@ def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], lis
     return alphas, betas, beta
 
 
+def _deflate(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """w projected off the orthonormal columns of q (classical Gram-Schmidt twice)."""
+    for _ in range(2):
+        w = w - q @ (q.T @ w)
+    return w
+
+
+def _deflated_probes(apply, rademacher, q: torch.Tensor, low_rank: float, tol: float, max_probes: int,
+                     min_probes: int) -> list[float]:
+    """Hutchinson values v^T H v of Rademacher probes projected off q, drawn ten at a time until
+    their standard error falls below ``tol`` times the total trace (``low_rank`` + their mean),
+    or ``max_probes`` are drawn (never fewer than ``min_probes``)."""
+    vhv: list[float] = []
+    while len(vhv) < max_probes:
+        probes = _deflate(rademacher(min(10, max_probes - len(vhv))), q)
+        vhv += (probes * apply(probes)).sum(0).tolist()
+        if len(vhv) >= max(min_probes, 2):
+            stderr = float(np.std(vhv, ddof=1) / np.sqrt(len(vhv)))
+            if stderr <= tol * abs(low_rank + float(np.mean(vhv))):
+                break
+    return vhv
+
+
 def _stderr(values: list[float]) -> float:
     """Standard deviation (ddof=1) over sqrt(n); 0 for no values, NaN for one."""
     if not values:
@@ -741,6 +736,16 @@ def _grads_set_aside(params: list[nn.Parameter]) -> Iterator[None]:
     finally:
         for p, grad in zip(params, saved):
             p.grad = grad
+
+
+def _eigenproblem(model: nn.Module, batches: Batches, top_n: int):
+    """(batches, sample count, trainable parameters, their count), checked for ``top_n`` eigenvalues."""
+    batches, n_samples = _check_batches(batches)
+    params = _trainable_parameters(model)
+    n_params = sum(p.numel() for p in params)
+    if top_n > n_params:
+        raise ValueError(f"top_n ({top_n}) exceeds the number of parameters ({n_params})")
+    return batches, n_samples, params, n_params
 
 
 def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -79,13 +79,9 @@ def _assert_same_state(state, model: nn.Module) -> None:
         assert torch.equal(value, current[key]), key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and are then immune to CPU oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

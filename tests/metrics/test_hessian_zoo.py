@@ -69,11 +69,8 @@ def _exact(z, model_id: str, split: str, n: int) -> tuple[float, float, np.ndarr
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest.one_thread)."""
 
 
 @pytest.mark.parametrize("width", [8, pytest.param(32, marks=pytest.mark.slow)])
