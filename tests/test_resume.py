@@ -182,5 +182,7 @@ def test_the_saved_state_of_a_model_already_stored_is_swept(smoke_root, tmp_path
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"x")
     in_training.write_bytes(b"x")
-    store.write_index()  # (sweeps first)
+    store.write_index()  # writes the index only
+    assert leftover.exists() and in_training.exists()
+    store.sweep()  # (what `zoo generate` does once its models are stored, and `zoo verify`)
     assert not leftover.exists() and in_training.exists()

@@ -51,11 +51,14 @@ def library_versions(*packages: str) -> dict[str, str]:
     return out
 
 
-def open(root=None, timeout: float | None = None, memory_limit: str | None = None):  # noqa: A001 - reads as a sentence, like `duckdb.connect`
+def open(root=None, timeout: float | None = None, memory_limit: str | None = None, recover: bool = False):  # noqa: A001 - reads as a sentence, like `duckdb.connect`
     """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data). Each query stops
     after `timeout` seconds (default env ZOO_SQL_TIMEOUT_S, else 300); `memory_limit` caps DuckDB
-    (e.g. "2GB"; default env ZOO_SQL_MEMORY, else a quarter of RAM, at most 4 GB). Opening
-    writes nothing, except that it finishes packs a killed packer left pending (zoo.storage)."""
-    from .api import Zoo
+    (e.g. "2GB"; default env ZOO_SQL_MEMORY, else a quarter of RAM, at most 4 GB).
 
-    return Zoo(root, timeout=timeout, memory_limit=memory_limit)
+    Opening writes nothing unless `recover=True`: then it first finishes the packs a killed packer
+    left pending (zoo.packing), whose models' rows queries would otherwise miss. Without it, such
+    packs are reported by a `ZooWarning` naming the way to finish them."""
+    from .api import Root
+
+    return Root(root, timeout=timeout, memory_limit=memory_limit, recover=recover)

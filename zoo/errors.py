@@ -7,6 +7,11 @@ class ZooError(Exception):
     """A user-facing error. The command line prints it as one line and exits with status 2."""
 
 
+class ZooWarning(UserWarning):
+    """Something a reader should act on that does not stop the work (the command line prints it
+    as one line on stderr)."""
+
+
 class StorageError(ZooError):
     """The root could not be written (a full disk, a read-only mount): nothing partial was kept,
     and no further model or metric can be stored, so a job stops instead of going on."""

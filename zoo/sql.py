@@ -24,11 +24,12 @@ import contextlib
 import os
 import signal
 import threading
+import warnings
 
 import duckdb
 import pandas as pd
 
-from .errors import ZooError, one_line
+from .errors import ZooError, ZooWarning, one_line
 from .rootfs import PROTOCOL, RootFileSystem
 from .storage import Store
 
@@ -63,17 +64,17 @@ def _positive(name: str, value, default: float) -> float:
 class Connection:
     """One read-only DuckDB connection over a root's tables (see the module docstring)."""
 
-    def __init__(self, store: Store, timeout: float | None = None, memory_limit: str | None = None):
+    def __init__(self, store: Store, timeout: float | None = None, memory_limit: str | None = None, recover: bool = False):
         self.timeout = default_timeout() if timeout is None else _positive("timeout", timeout, TIMEOUT_S)
         self.con = duckdb.connect(":memory:")
         try:
             with _interrupts_deferred():
-                self._set_up(store, memory_limit)
+                self._set_up(store, memory_limit, recover)
         except BaseException:
             self.close()
             raise
 
-    def _set_up(self, store: Store, memory_limit: str | None) -> None:
+    def _set_up(self, store: Store, memory_limit: str | None, recover: bool) -> None:
         con = self.con
         con.execute("SET temp_directory = ''")
         try:
@@ -81,7 +82,13 @@ class Connection:
         except duckdb.Error as e:
             raise ZooError(f"invalid memory limit {memory_limit!r}: {one_line(e)}") from None
         con.register_filesystem(RootFileSystem(store.root))
-        store.recover()  # (packs a killed packer left half-finished)
+        if recover:  # (packs a killed packer left half-finished: the only write a reader may ask for)
+            store.recover()
+        elif pending := store.pending_zoos():
+            warnings.warn(ZooWarning(
+                f"{store.root}: zoo(s) {', '.join(pending)} have packs a killed packer left pending, whose rows "
+                f"queries may miss: open with zoo.open(root, recover=True), or run `zoo verify --root {store.root}`"),
+                stacklevel=5)
         with store.reading():
             store.create_views(con, base=f"{PROTOCOL}://")
         con.execute(f"SET allowed_directories = ['{PROTOCOL}://']")

@@ -14,11 +14,7 @@ job that runs twice, or two runs at once, write the same file name, and the atom
 the last complete write wins and no row is ever duplicated. A model counts as stored once its
 `models` part exists; that part is written last, after its curves, tensors and checkpoints.
 
-Once a run has stored its models, their per-model parts are merged into packs, because reading
-10,000 small files costs far more than reading one (see perf/storage_read.py): each pack is first
-written in full under a `.pending` name (invisible to queries), then the per-model parts it
-replaces are removed and it is renamed into place. A crash in between leaves the pending pack,
-which still counts as stored, and the next writer finishes it (`Store.finish_packs`).
+Once a run has stored its models, their per-model parts are merged into packs (zoo.packing).
 
 Writes go to a temporary name in the same folder, are fsynced, and are renamed into place, so no
 reader ever sees half a file. Nothing here unpickles anything.
@@ -27,7 +23,6 @@ reader ever sees half a file. Nothing here unpickles anything.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import struct
@@ -41,20 +36,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import ZooError, one_line
-from .integrity import compact_manifest, rename, sweep_temporary, temporary_name, write_atomically, write_error
-from .matrices import read_rows, write_matrices
+from .integrity import compact_manifest, sweep_temporary, temporary_name, write_atomically, write_error
+from . import packing
+from .matrices import read_rows
+from .packing import MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING, model_ids_in
 from .locks import exclusive_lock, shared_lock
 from .rootfs import entries
 from .schemas import SCHEMA_VERSION, SCHEMAS
 from .weights import sha256
 
 INDEX_FILE = "zoo.duckdb"
-PACKED_TABLES = ("checkpoints", "curves", "tensors", "models")  # the models row last: the commit
-PACK_PREFIX = "pack-"
 RESUME_DIR = "resume"
-PENDING = ".pending"
-PACK_BYTES = 256 << 20
-MATRIX_SUFFIX = ".safetensors"  # a checkpoint pack's weight matrices (zoo.matrices)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -111,7 +103,7 @@ class Store:
                 folder = self.root / "tables" / table
                 folder.mkdir(parents=True, exist_ok=True)
                 if not (folder / "_empty.parquet").exists():
-                    self._write_atomic(folder / "_empty.parquet", schema.empty_table())
+                    self.write_file(folder / "_empty.parquet", schema.empty_table())
         except OSError as e:
             raise write_error(self.root, e) from None
 
@@ -157,7 +149,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(path.parent, e) from None
-        self._write_atomic(path, data)
+        self.write_file(path, data)
         return path
 
     def remove_part(self, table: str, zoo: str, key: str) -> None:
@@ -177,7 +169,9 @@ class Store:
                     path.unlink(missing_ok=True)
 
     @staticmethod
-    def _write_atomic(path: Path, data: pa.Table, **options) -> None:
+    def write_file(path: Path, data: pa.Table, **options) -> None:
+        """Write `data` to `path` atomically (temporary name, fsync, rename), stamped with the
+        schema version; zstd and page checksums unless `options` say otherwise."""
         data = data.replace_schema_metadata({**(data.schema.metadata or {}), b"zoo_schema_version": SCHEMA_VERSION.encode()})
         write_atomically(path, lambda tmp: pq.write_table(
             data, tmp, **{"compression": "zstd", "write_page_checksum": True, **options}))
@@ -194,7 +188,7 @@ class Store:
         ids = set()
         for name in self.names(folder):
             if name.startswith(PACK_PREFIX) and name.endswith((".parquet", PENDING)):
-                ids.update(_model_ids(folder / name))
+                ids.update(model_ids_in(folder / name))
             elif key := part_key(name):
                 ids.add(key)
         return ids
@@ -294,8 +288,6 @@ class Store:
             out[np.fromiter((position[m] for m in ids), dtype=np.int64, count=len(ids))] = block
         return out, [m for m in model_ids if m in wanted]
 
-    # --- packing -------------------------------------------------------------------------
-
     # Each lock below waits for ever, or at most `lock_timeout` seconds (`zoo verify --timeout`
     # sets it), then raises a one-line ZooError.
 
@@ -313,67 +305,27 @@ class Store:
         """The packer's lock: whoever holds it may rewrite and remove packs."""
         return exclusive_lock(self.root / ".pack.lock", wait, self.lock_timeout)
 
+    # --- packing (the work itself is zoo.packing's) ---------------------------------------
+
     def pack(self, zoo: str) -> int:
-        """Merge the per-model parts of `zoo`'s stored models into pack files (at most about
-        PACK_BYTES of checkpoints each); returns how many models were packed. Safe at any time,
-        also while jobs store more models: only models whose `models` part exists (all their
-        rows written) are packed, one packer runs at a time (a lock file; a second one returns
-        0 at once), and a per-model part of an already packed model (a second run that trained
-        it at the same time) is removed, not packed twice."""
-        folder = self.zoo_dir("models", zoo)
-        if not folder.is_dir():
-            return 0
-        with self.packing() as locked:
-            if not locked:
-                return 0
-            self.finish_packs(zoo)
-            matrices = self.zoo_dir("checkpoints", zoo)
-            packed = {t: self._packed_ids(t, zoo) for t in PACKED_TABLES}
-            ids = sorted(filter(None, map(part_key, self.names(folder))))
-            with self.removing():
-                for path in matrices.glob(f"{PACK_PREFIX}*{MATRIX_SUFFIX}") if matrices.is_dir() else []:
-                    if not path.with_suffix(".parquet").exists():  # a packer died before writing its pack
-                        path.unlink(missing_ok=True)
-                for table in PACKED_TABLES:  # strays: rows already in a pack
-                    for model_id in packed[table].intersection(ids):
-                        self.part_path(table, zoo, model_id).unlink(missing_ok=True)
-            ids = [m for m in ids if m not in packed["models"]]
-            chunks, chunk, size = [], [], 0
-            for model_id in ids:
-                path = self.part_path("checkpoints", zoo, model_id)
-                size += path.stat().st_size if path.exists() else 0
-                chunk.append(model_id)
-                if size >= PACK_BYTES:
-                    chunks.append(chunk)
-                    chunk, size = [], 0
-            chunks += [chunk] if chunk else []
-            for chunk in chunks:
-                for table in PACKED_TABLES:  # models last
-                    # a model may lack a part here only if a crashed packer already packed it
-                    paths = [p for p in (self.part_path(table, zoo, m) for m in chunk) if p.exists()]
-                    if not paths:
-                        continue
-                    # (ParquetFile.read: a third of read_table's per-file cost, measured here)
-                    data = pa.concat_tables([pq.ParquetFile(p).read() for p in paths], promote_options="permissive")
-                    order = [("epoch", "ascending"), ("model_id", "ascending")] if table == "checkpoints" else [("model_id", "ascending")]
-                    data = data.sort_by(order)
-                    if table == "checkpoints":  # the N x P matrices first: used only once the pack is in place
-                        write_matrices(self.zoo_dir(table, zoo) / f"{pack_key(data)}{MATRIX_SUFFIX}", data)
-                    self.write_pack(table, zoo, data, pending=True)
-                self.finish_packs(zoo)
-            return len(ids)
+        """Merge the per-model parts of `zoo`'s stored models into packs (zoo.packing.pack)."""
+        return packing.pack(self, zoo)
 
     def write_pack(self, table: str, zoo: str, data: pa.Table, pending: bool = False) -> Path:
-        """Write the rows of several models as one pack of `table` (pending: under its `.pending`
-        name, put in place by `finish_packs`). Row groups of ~4 MB, so a read of one epoch or of
-        a few models skips the rest by the groups' statistics; weights in LZ4, which decodes
-        about 1.5x faster than zstd here (weights compress little: by 8% in LZ4, 13% in zstd on
-        the smoke zoo)."""
-        path = self.zoo_dir(table, zoo) / f"{pack_key(data)}.parquet{PENDING if pending else ''}"
-        row_bytes = max(1, data.nbytes // max(1, len(data)))
-        self._write_atomic(path, data, row_group_size=max(1, min(len(data), (4 << 20) // row_bytes)),
-                           compression="lz4" if table == "checkpoints" else "zstd")
-        return path
+        """Write several models' rows as one pack of `table` (zoo.packing.write_pack)."""
+        return packing.write_pack(self, table, zoo, data, pending)
+
+    def finish_packs(self, zoo: str) -> None:
+        """Put `zoo`'s pending packs in place (zoo.packing.finish_packs)."""
+        packing.finish_packs(self, zoo)
+
+    def pending_zoos(self) -> list[str]:
+        """The zoos with a pack a killed packer left pending (zoo.packing.pending_zoos)."""
+        return packing.pending_zoos(self)
+
+    def recover(self) -> None:
+        """Finish every pending pack (zoo.packing.recover): the only write a reader may ask for."""
+        packing.recover(self)
 
     def has_part(self, table: str, zoo: str, key: str) -> bool:
         """Whether the part `key` of `table` for `zoo` is stored."""
@@ -398,39 +350,6 @@ class Store:
                     compact_manifest(folder)
         return removed
 
-    def _packed_ids(self, table: str, zoo: str) -> set[str]:
-        folder = self.zoo_dir(table, zoo)
-        names = [n for n in self.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(".parquet")]
-        return {m for n in names for m in _model_ids(folder / n)}
-
-    def finish_packs(self, zoo: str) -> None:
-        """Put pending packs in place: remove the per-model parts they replace, then rename
-        them (a pending pack is complete, since it was written atomically, so this is safe to redo)."""
-        for table in PACKED_TABLES:
-            folder = self.zoo_dir(table, zoo)
-            for pending in sorted(folder / n for n in self.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(PENDING)):
-                with self.removing():  # readers see the models in their parts or in the pack, never in neither
-                    if not pending.exists():  # another process finished it meanwhile
-                        continue
-                    for model_id in set(_model_ids(pending)):
-                        self.part_path(table, zoo, model_id).unlink(missing_ok=True)
-                    rename(pending, pending.with_name(pending.name[: -len(PENDING)]))
-
-    def recover(self) -> None:
-        """Finish the packs a killed packer left pending, before a reader looks: a packer killed
-        between removing a pack's parts and renaming it leaves its models' rows in the pending
-        file only, which queries do not read. Like a database replaying its journal on open;
-        on a root this process cannot write, or while a packer runs (it finishes its own), nothing
-        is done."""
-        zoos = sorted({d.name for table in PACKED_TABLES for d in self.folders(self.table_dir(table))
-                       if any(n.startswith(PACK_PREFIX) and n.endswith(PENDING) for n in self.names(d))})
-        if not zoos:
-            return
-        with contextlib.suppress(OSError, ZooError, pa.ArrowException):  # (verify names a damaged pack)
-            with self.packing() as locked:
-                for zoo in zoos if locked else []:
-                    self.finish_packs(zoo)
-
     def view_sql(self, table: str, base: str) -> str:
         """The view of `table` over its files under `base`: the root as DuckDB reaches it (an
         absolute path for zoo.duckdb, `zoo://` for zoo.sql's confined file system)."""
@@ -453,12 +372,11 @@ class Store:
                                f"`zoo verify --root {self.root}` to move it to quarantine/)") from None
 
     def write_index(self) -> Path:
-        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query;
-        first remove the temporary files of dead writers.
+        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query.
+        Writes that file only (`sweep` removes what killed writers left behind).
 
         Written under a temporary name and renamed, so concurrent writers never collide on
         DuckDB's file lock and readers never see a half-written index."""
-        self.sweep()  # what killed writers left behind
         path = self.root / INDEX_FILE
         tmp = temporary_name(path)
         try:
@@ -481,12 +399,6 @@ def _zoo_folders(base: Path, zoo: str | None) -> list[Path]:
     """The folder of `zoo` under `base`, or (None) every zoo's: those that exist."""
     folders = [base / zoo] if zoo else (list(base.iterdir()) if base.is_dir() else [])
     return [f for f in folders if f.is_dir()]
-
-
-def pack_key(data: pa.Table) -> str:
-    """A pack's name: a hash of the model ids it holds (the same models give the same name)."""
-    members = "\n".join(sorted(set(data.column("model_id").to_pylist())))
-    return PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
 
 
 def _check_hashes(matrices: Path, pack: Path, blocks: list[tuple[list[str], np.ndarray]], epoch: int) -> None:
@@ -512,12 +424,3 @@ def _damage_named(folder: Path):
         if isinstance(e, ZooError):
             raise
         raise ZooError(f"damaged file in {folder} ({type(e).__name__}: {one_line(e)}): run `zoo verify` to quarantine it") from None
-
-
-def _model_ids(path: Path) -> list[str]:
-    """The model ids a pack holds; a damaged pack is named, with the way to recover."""
-    try:
-        return pq.read_table(path, columns=["model_id"]).column(0).to_pylist()
-    except (OSError, pa.ArrowException) as e:
-        raise ZooError(f"damaged file {path} ({one_line(e)}): "
-                       f"run `zoo verify --root {path.parents[3]}` to quarantine it") from None

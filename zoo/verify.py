@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .integrity import QUARANTINE, Damage, Verification, check_file, quarantine, recorded, temporary_name, write_error
-from .storage import INDEX_FILE, MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING, RESUME_DIR, Store, is_safe_name
+from .packing import MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING
+from .storage import INDEX_FILE, RESUME_DIR, Store, is_safe_name
 
 DATA_SUFFIXES = (".parquet", PENDING, MATRIX_SUFFIX)
 MISSING = "listed in the manifest but missing"
