@@ -9,6 +9,10 @@ a list of items and fixed keyword arguments, and must be idempotent (SLURM may r
 submitit pickles each job's function and arguments into the jobs folder and reads its results
 back from there; that folder is our own scratch space, kept outside the zoo root (a zoo root
 never holds pickles), under `--jobs-dir` / env ZOO_JOBS_DIR, default ~/.cache/zoo/jobs.
+
+SLURM jobs are waited for with `zoo.slurm` (one `sacct` call for all of a launch's jobs at most
+every ZOO_SACCT_INTERVAL_S seconds, `squeue` for a job that may have been requeued), not with
+submitit's own watcher, whose interval is no public setting.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from . import slurm
 from .catalog import Launch
 from .errors import ZooError
 
@@ -64,6 +68,8 @@ class LaunchOptions:
             raise ZooError("--workers must be at least 1")
         if self.items_per_job is not None and self.items_per_job < 1:
             raise ZooError("--models-per-job must be at least 1")
+        if self.executor == "slurm":
+            slurm.sacct_interval_s()  # a bad ZOO_SACCT_INTERVAL_S is refused before anything is submitted
 
 
 @dataclass
@@ -91,6 +97,7 @@ def run_jobs(
     chunks = _chunks(items, _items_per_job(options, len(items)))
     folder = _run_dir(options, name)
     executor = _executor(options, folder)
+    watch = SlurmWatch(slurm.sacct_interval_s()) if options.executor == "slurm" else None
     kwargs = kwargs or {}
     outcomes: list[JobOutcome] = []
     running: list[tuple[Any, list[str]]] = []
@@ -115,9 +122,11 @@ def run_jobs(
             running.append((executor.submit(function, items=chunk, **kwargs), chunk))
             started[id(running[-1][0])] = time.monotonic()
             record(running[-1:])
-        for job, chunk in [r for r in running if _finished(r[0])]:
+        if watch is not None:
+            watch.refresh([str(job.job_id) for job, _ in running])
+        for job, chunk in [r for r in running if _finished(r[0], watch)]:
             running.remove((job, chunk))
-            outcomes.append(_outcome(job, chunk))
+            outcomes.append(_outcome(job, chunk, watch))
         for job, chunk in [r for r in running if time.monotonic() - started[id(r[0])] > options.wait_limit()]:
             running.remove((job, chunk))
             outcomes.append(_give_up(job, chunk, options.wait_limit()))
@@ -158,12 +167,6 @@ def _executor(options: LaunchOptions, folder: Path):
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=options.executor)
     s = options.slurm
     if options.executor == "slurm":
-        # submitit asks sacct (once for all jobs) at most every (time since the last submission)/2,
-        # up to 10 minutes, so a job that ended or was cancelled went unnoticed for minutes. We cap
-        # the interval at ZOO_SACCT_INTERVAL_S (default 30 s: one sacct call per launcher).
-        from submitit.slurm.slurm import SlurmJob
-
-        SlurmJob.watcher._delay_s = max(1.0, float(os.environ.get("ZOO_SACCT_INTERVAL_S", "30")))
         optional = {
             "slurm_partition": s.partition,
             "mem_gb": s.mem_gb,
@@ -185,31 +188,63 @@ def _executor(options: LaunchOptions, folder: Path):
     return executor
 
 
-def _finished(job) -> bool:
+@dataclass
+class SlurmWatch:
+    """What SLURM says about a launch's jobs: their states from one `sacct` call for all of them
+    at most every `interval_s` seconds (ZOO_SACCT_INTERVAL_S, default 30), and, for a job that
+    ended without a result, whether `squeue` lists it queued again (asked once per sacct answer).
+    submitit's own watcher is not asked: it calls sacct 2, 4, 8 ... s after each submission and
+    then only every 10 minutes, so a job that ended or was cancelled went unnoticed for minutes,
+    and its interval is no public setting."""
+
+    interval_s: float
+    states: dict[str, str] = field(default_factory=dict)  # job id -> state, as last known
+    queued_again: dict[str, bool] = field(default_factory=dict)  # job id -> in squeue again
+    asked_at: float = -math.inf
+
+    def refresh(self, job_ids: list[str]) -> None:
+        if job_ids and time.monotonic() - self.asked_at >= self.interval_s:
+            self.states.update(slurm.states_in_sacct(job_ids))  # no answer ({}) keeps what was known
+            self.queued_again.clear()
+            self.asked_at = time.monotonic()
+
+    def state(self, job) -> str:
+        return self.states.get(str(job.job_id), "")
+
+    def finished(self, job) -> bool:
+        """Whether a job's result is written, or it ended without one and is not queued again:
+        SLURM requeues a job whose node failed (NODE_FAIL) or that was preempted, and sacct may
+        report the ended run first. Such a job is waited for, not reported failed (its models
+        would train twice); so is a job sacct does not know yet."""
+        if _result_written(job):
+            return True
+        state = self.state(job)
+        if not state or slurm.will_still_run(state):
+            return False
+        job_id = str(job.job_id)
+        if job_id not in self.queued_again:
+            self.queued_again[job_id] = slurm.is_queued_again(job_id)
+        return not self.queued_again[job_id]
+
+
+def _finished(job, watch: SlurmWatch | None) -> bool:
+    if watch is not None:
+        return watch.finished(job)
     try:
-        done = job.done()
+        return job.done()
     except Exception:  # the debug executor runs the job inside done() and may raise there
         return True
-    return done and not _back_in_queue(job)
 
 
-# squeue states of a job that will still run (or runs again)
-STILL_QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING", "SUSPENDED")
-
-
-def _back_in_queue(job) -> bool:
-    """Whether a SLURM job that ended without a result is queued again: SLURM requeues a job
-    whose node failed (NODE_FAIL) or that was preempted, and sacct may report the ended run
-    first. Such a job is waited for, not reported failed (its models would train twice)."""
-    from submitit.slurm.slurm import SlurmJob
-
-    if not isinstance(job, SlurmJob) or job.paths.result_pickle.exists():
-        return False
+def _result_written(job) -> bool:
+    """Whether submitit wrote the job's result (or its error). The folder is touched first, as
+    submitit's `done()` does, so that a network file system shows a file written elsewhere."""
+    folder = job.paths.folder
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and any(line.strip() in STILL_QUEUED for line in out.stdout.splitlines())
+        folder.chmod(folder.stat().st_mode)
+    except OSError:
+        pass
+    return job.paths.result_pickle.exists()
 
 
 def _give_up(job, chunk: list[str], seconds: float) -> JobOutcome:
@@ -222,16 +257,10 @@ def _give_up(job, chunk: list[str], seconds: float) -> JobOutcome:
     return JobOutcome(chunk, error=f"job {job.job_id}: no result after {seconds / 60:.1f} min; cancelled")
 
 
-# SLURM states of a job that ended without running to completion
-ENDED_WITHOUT_RESULT = ("CANCELLED", "FAILED", "NODE_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-
-
-def _outcome(job, chunk: list[str]) -> JobOutcome:
-    from submitit.slurm.slurm import SlurmJob
-
-    if isinstance(job, SlurmJob):  # submitit would wait 15 s for a result file that cannot come
-        state = str(job.state)
-        if state.split(" ")[0] in ENDED_WITHOUT_RESULT and not job.paths.result_pickle.exists():
+def _outcome(job, chunk: list[str], watch: SlurmWatch | None) -> JobOutcome:
+    if watch is not None:  # submitit would wait 15 s for a result file that cannot come
+        state = watch.state(job)
+        if slurm.ended_without_completing(state) and not _result_written(job):
             return JobOutcome(chunk, error=f"job {job.job_id} ended without a result ({state})")
     try:
         return JobOutcome(chunk, result=job.result())

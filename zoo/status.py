@@ -2,7 +2,7 @@
 
     done     the model is stored
     running  not stored, and its latest job is still alive: pending or running under SLURM
-             (asked with `sacct`, with a timeout), or a local job whose process lives
+             (asked with `sacct`, with a timeout: `zoo.slurm`), or a local job whose process lives
     failed   not stored, and its last training raised (the `failures` table: error, job id);
              the next `zoo generate` retries it
     missing  everything else: never submitted, or its job ended without storing it (cancelled,
@@ -11,16 +11,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass, field
 
-
+from . import slurm
 from .catalog import ZooConfig
 from .integrity import pid_alive
 from .storage import Store
-
-SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING", "REQUEUE_HOLD",
-                "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 
 
 @dataclass
@@ -37,13 +33,13 @@ class ZooStatus:
                 f"{len(self.missing)} missing of {self.total}")
 
 
-def zoo_status(zoo: ZooConfig, store: Store, sacct_timeout: float = 30.0) -> ZooStatus:
-    ids = [spec.model_id for spec in zoo.models()]
-    stored = store.stored_ids("models", zoo.name)
-    status = ZooStatus(zoo.name, len(ids), done=[m for m in ids if m in stored])
-    jobs = _latest_jobs(store, zoo.name)  # model id -> (job id, executor)
-    failures = _failures(store, zoo.name)
-    states = _slurm_states(sorted({j for j, e in jobs.values() if e == "slurm"}), sacct_timeout)
+def zoo_status(config: ZooConfig, store: Store, sacct_timeout: float = slurm.SACCT_TIMEOUT_S) -> ZooStatus:
+    ids = [spec.model_id for spec in config.models()]
+    stored = store.stored_ids("models", config.name)
+    status = ZooStatus(config.name, len(ids), done=[m for m in ids if m in stored])
+    jobs = _latest_jobs(store, config.name)  # model id -> (job id, executor)
+    failures = _failures(store, config.name)
+    states = slurm.states_in_sacct(sorted({j for j, e in jobs.values() if e == "slurm"}), sacct_timeout)
     for model_id in ids:
         if model_id in stored:
             continue
@@ -51,7 +47,7 @@ def zoo_status(zoo: ZooConfig, store: Store, sacct_timeout: float = 30.0) -> Zoo
         state = states.get(job_id, "") if executor == "slurm" else ("RUNNING" if executor == "local" and _alive(job_id) else "")
         if model_id in failures and failures[model_id][0] == job_id:  # its latest job got to it, and it raised
             status.failed[model_id] = failures[model_id]
-        elif state in SLURM_ACTIVE:
+        elif slurm.will_still_run(state):
             status.running[model_id] = f"job {job_id} {state}"
         elif model_id in failures:
             status.failed[model_id] = failures[model_id]
@@ -72,37 +68,6 @@ def _failures(store: Store, zoo: str) -> dict[str, tuple[str, str]]:
     table = store.read_zoo("failures", zoo)
     rows = table.sort_by("failed_at").to_pylist() if table is not None else []
     return {r["model_id"]: (r["job_id"], (r["error"] or "").splitlines()[0] if r["error"] else "") for r in rows}
-
-
-def _slurm_states(job_ids: list[str], timeout: float) -> dict[str, str]:
-    """Job id -> SLURM state, from one `sacct` call ({} when SLURM cannot be asked)."""
-    if not job_ids:
-        return {}
-    try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=timeout).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    states = {}
-    for line in out.splitlines():
-        job, _, state = line.partition("|")
-        state = state.split()[0] if state.strip() else ""
-        for one in _expand(job.strip()):
-            states[one] = state
-    return states
-
-
-def _expand(job: str) -> list[str]:
-    """sacct's "123_[0-3,5%2]" (pending array tasks) -> ["123_0", ..., "123_3", "123_5"]."""
-    if "_[" not in job:
-        return [job]
-    base, _, ranges = job.partition("_[")
-    out = []
-    for part in ranges.rstrip("]").split("%")[0].split(","):
-        first, _, last = part.partition("-")
-        if first.isdigit():
-            out += [f"{base}_{k}" for k in range(int(first), int(last or first) + 1)]
-    return out
 
 
 def _alive(job_id: str) -> bool:
