@@ -19,8 +19,6 @@ misclassified test examples and that of any population model; 1 = behaves as a c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from pydantic import Field
@@ -28,22 +26,13 @@ from scipy.stats import gaussian_kde
 from torch import nn
 
 from zoo.architectures import build_model
-from zoo.catalog import ModelSpec
 from zoo.permutations import permutation_spec, permute_state
 from zoo.weights import unflatten
 
+from .contracts import GenerationContext
 from .evaluation import with_state
 from .merging import weight_matching
 from .registry import Parameters, register_method, register_protocol
-
-
-@dataclass
-class GenerationContext:
-    model_spec: ModelSpec  # the population's config (architecture, input shape, classes)
-    index: list  # the flat layout (zoo.weights.TensorEntry)
-    n: int  # models to generate
-    generator: torch.Generator
-    seed: int
 
 
 @register_method("copies", kind="generation")
@@ -138,7 +127,9 @@ class GenerationSettings(Parameters):
     min_models: int = Field(8, ge=2, description="phases with fewer models are not fitted on their own")
 
 
-GENERATION_METRICS = ("gen_acc_mean", "gen_acc_median", "gen_acc_max", "zoo_acc_mean", "novelty_iou", "n_models")
+# novelty_iou: the largest IoU of misclassified test sets with a population model (lower: more novel)
+GENERATION_METRICS = {"gen_acc_mean": "higher", "gen_acc_median": "higher", "gen_acc_max": "higher",
+                      "zoo_acc_mean": "higher", "novelty_iou": "lower", "n_models": "higher"}
 
 
 @register_protocol("generate_weights", kind="generation", unit="population", metrics=GENERATION_METRICS,
@@ -146,7 +137,7 @@ GENERATION_METRICS = ("gen_acc_mean", "gen_acc_median", "gen_acc_max", "zoo_acc_
 def generate_weights(unit, call, settings: GenerationSettings):
     """Fit the generator on the selected models (one architecture) and on each phase's models
     alone (phases with at least `min_models`); score the generated models on the test half."""
-    z = unit.zoo
+    z = unit.handle
     counts = z.sql("select count(distinct n_params) as n from models where model_id in (select unnest(?))", [unit.model_ids])
     if int(counts["n"].iloc[0]) > 1:
         raise ValueError("weight generation needs models of one architecture and width: narrow the task's select")

@@ -2,8 +2,9 @@
 
 One row per (task, zoo, method with its parameters[, phase]); one column per metric, the mean
 over the units (cells or models) that succeeded; `units` counts them and `failed` the units
-whose method raised. Rows are ranked by the task's first metric (its `higher_is_better` is
-stored with every result). Only each task's latest version is shown.
+whose method raised. Rows are ranked by the task's first metric, in the direction its protocol
+declares (stored with every result as `higher_is_better`). Only each task's latest version is
+shown.
 """
 
 from __future__ import annotations

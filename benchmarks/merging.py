@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
@@ -29,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from zoo.permutations import PermutationSpec, permutation_spec, permute_state
 
 from .evaluation import StateDict, accuracy, finetune, has_batchnorm, reestimate_batchnorm, with_state
+from .contracts import MergeContext
 from .registry import Parameters, register_method, register_protocol
 
 # --------------------------------------------------------------------------- merge functions
@@ -168,16 +168,6 @@ def dare(delta: StateDict, p: float, generator: torch.Generator) -> StateDict:
 # --------------------------------------------------------------------------- methods
 
 
-@dataclass
-class MergeContext:
-    """What a merge method may use besides its inputs."""
-
-    template: torch.nn.Module
-    val_accuracy: Callable[[StateDict], float]
-    base: StateDict | None  # the pre-trained model of task-vector merges
-    seed: int
-
-
 class NoParameters(Parameters):
     pass
 
@@ -264,7 +254,8 @@ def _dare(states, p: DareParameters, ctx: MergeContext):
 
 # --------------------------------------------------------------------------- protocols
 
-MERGE_METRICS = ("test_acc", "test_acc_bn", "val_acc", "best_ingredient_acc", "mean_ingredient_acc", "gain_over_best", "n_inputs")
+MERGE_METRICS = {"test_acc": "higher", "test_acc_bn": "higher", "val_acc": "higher", "best_ingredient_acc": "higher",
+                 "mean_ingredient_acc": "higher", "gain_over_best": "higher", "n_inputs": "higher"}
 
 
 class MergeSettings(Parameters):
@@ -293,7 +284,7 @@ def _score_merge(unit, call, settings: MergeSettings, states: list[StateDict], t
 @register_protocol("merge_seeds", kind="merging", unit="cell", metrics=MERGE_METRICS, settings=MergeSettings)
 def merge_seeds(unit, call, settings: MergeSettings):
     """Merge the final weights of the seeds of a cell (in seed order)."""
-    models = [unit.zoo.load_model(m) for m in unit.model_ids]
+    models = [unit.handle.load_model(m) for m in unit.model_ids]
     return _score_merge(unit, call, settings, [m.state_dict() for m in models], models[0])
 
 
@@ -301,14 +292,15 @@ def merge_seeds(unit, call, settings: MergeSettings):
 def merge_checkpoints(unit, call, settings: MergeSettings):
     """Merge a model's last `last_k` stored checkpoints (epoch averaging), latest first."""
     model_id = unit.model_ids[0]
-    epochs = sorted(unit.zoo.sql("select distinct epoch from checkpoints where model_id = ?", [model_id])["epoch"])[-settings.last_k :]
+    epochs = sorted(unit.handle.sql("select distinct epoch from checkpoints where model_id = ?", [model_id])["epoch"])[-settings.last_k :]
     if len(epochs) < 2:
         raise ValueError(f"model {model_id} has {len(epochs)} checkpoint(s); epoch averaging needs two")
-    models = [unit.zoo.load_model(model_id, int(e)) for e in reversed(epochs)]
+    models = [unit.handle.load_model(model_id, int(e)) for e in reversed(epochs)]
     return _score_merge(unit, call, settings, [m.state_dict() for m in models], models[0])
 
 
-TASK_METRICS = ("test_acc", "test_acc_bn", "task_a_acc", "task_b_acc", "finetuned_a_acc", "finetuned_b_acc", "base_acc", "lam")
+TASK_METRICS = {"test_acc": "higher", "test_acc_bn": "higher", "task_a_acc": "higher", "task_b_acc": "higher",
+                "finetuned_a_acc": "higher", "finetuned_b_acc": "higher", "base_acc": "higher", "lam": "higher"}
 
 
 class TaskMergeSettings(Parameters):
@@ -326,7 +318,7 @@ def merge_tasks(unit, call, settings: TaskMergeSettings):
     """Task vectors from fine-tuning the cell's first seed on two label sets (task a: the lower
     classes, task b: the rest), merged by the method; lam swept on the validation half; scored on
     the test half (all classes), and per task."""
-    base_model = unit.zoo.load_model(unit.model_ids[0])
+    base_model = unit.handle.load_model(unit.model_ids[0])
     base = {k: v.clone() for k, v in base_model.state_dict().items()}
     split = unit.holdout()
     n_classes = int(split.y_train.max()) + 1

@@ -75,12 +75,13 @@ class PredictionSettings(Parameters):
 
 
 @register_protocol("predict_properties", kind="prediction", unit="population", settings=PredictionSettings,
-                   metrics=("r2_test_acc", "r2_gap", "r2_log_load", "r2_log_temperature", "phase_accuracy", "n_test"))
+                   metrics={"r2_test_acc": "higher", "r2_gap": "higher", "r2_log_load": "higher",
+                            "r2_log_temperature": "higher", "phase_accuracy": "higher", "n_test": "higher"})
 def predict_properties(unit, call, settings: PredictionSettings):
     """Fit on a random (seeded) split of the selected models, score on the held-out models:
     over all of them (phase "all") and within each phase."""
-    x = weight_features(unit.zoo, unit.model_ids, settings.epoch)
-    props = properties(unit.zoo, unit.model_ids, settings.epoch)
+    x = weight_features(unit.handle, unit.model_ids, settings.epoch)
+    props = properties(unit.handle, unit.model_ids, settings.epoch)
     targets = {"test_acc": props["test_acc"].to_numpy(float), "gap": props["gap"].to_numpy(float),
                "log_load": np.log(props["load"].to_numpy(float)), "log_temperature": np.log(props["temperature"].to_numpy(float))}
     phase = props["phase"].to_numpy(str)

@@ -156,10 +156,11 @@ class PruneSettings(Parameters):
 
 
 @register_protocol("prune", kind="pruning", unit="model", settings=PruneSettings,
-                   metrics=("test_acc", "test_acc_before", "acc_drop", "test_acc_finetuned", "sparsity"))
+                   metrics={"test_acc": "higher", "test_acc_before": "higher", "acc_drop": "lower",
+                            "test_acc_finetuned": "higher", "sparsity": "higher"})
 def prune_model(unit, call, settings: PruneSettings):
     """Prune the model's final weights; test accuracy before, after, and after fine-tuning."""
-    model = unit.zoo.load_model(unit.model_ids[0])
+    model = unit.handle.load_model(unit.model_ids[0])
     split = unit.holdout()
     before = accuracy(model, split.x_test, split.y_test)
     masks = call.method.function(model, call.parameters, torch.Generator().manual_seed(settings.seed))

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 import zoo as zoo_package
-from zoo.api import Zoo
+from zoo.api import Root
 from zoo.datasets import Data
 from zoo.errors import ZooError
 from zoo.population import UNLABELLED, phase_labels
@@ -37,7 +37,7 @@ SAVE_EVERY_S = 30.0  # how often a long method call stores the units it has scor
 class UnitContext:
     """What a protocol gets for one unit: the zoo, the unit's models and where they sit."""
 
-    zoo: Zoo
+    handle: Root
     zoo_name: str
     unit: str
     model_ids: list[str]
@@ -49,10 +49,10 @@ class UnitContext:
     _data: dict = field(default_factory=dict, repr=False)
 
     def data(self) -> Data:
-        spec = self.zoo.spec(self.model_ids[0])
+        spec = self.handle.spec(self.model_ids[0])
         key = json.dumps(spec.dataset, sort_keys=True)
         if key not in self._data:
-            self._data[key] = self.zoo.data(self.model_ids[0])  # (never a path stored in the zoo)
+            self._data[key] = self.handle.data(self.model_ids[0])  # (never a path stored in the zoo)
         return self._data[key]
 
     def holdout(self) -> Holdout:
@@ -72,7 +72,7 @@ def versions() -> dict[str, str]:
     return zoo_package.library_versions("scipy", "scikit-learn")
 
 
-def selected_models(z: Zoo, task: Task, zoo_name: str) -> pd.DataFrame:
+def selected_models(z: Root, task: Task, zoo_name: str) -> pd.DataFrame:
     """The models the task's SQL selects in `zoo_name` (default: all of them), with their
     grid position and phase (from the `cells` table of the last labelled epoch, if any)."""
     query = task.config.select or "SELECT model_id FROM models WHERE zoo = $zoo"
@@ -97,7 +97,7 @@ def selected_models(z: Zoo, task: Task, zoo_name: str) -> pd.DataFrame:
     return models.reset_index(drop=True)
 
 
-def units(z: Zoo, task: Task, models: pd.DataFrame, seed: int) -> list[UnitContext]:
+def units(z: Root, task: Task, models: pd.DataFrame, seed: int) -> list[UnitContext]:
     kind = task.protocol.unit
     zoo_name = models["zoo"].iloc[0]
 
@@ -112,7 +112,7 @@ def units(z: Zoo, task: Task, models: pd.DataFrame, seed: int) -> list[UnitConte
             for (l, t), frame in models.groupby(["load", "temperature"], sort=True)]
 
 
-def run_task(z: Zoo, task: Task, zoo_name: str, methods: list[str] | None = None,
+def run_task(z: Root, task: Task, zoo_name: str, methods: list[str] | None = None,
              progress: Callable[[str], None] | None = None) -> RunReport:
     """Score the task's methods (or those named) on every unit of `zoo_name`; store the rows."""
     calls = task.select(methods)
@@ -121,7 +121,7 @@ def run_task(z: Zoo, task: Task, zoo_name: str, methods: list[str] | None = None
     todo = units(z, task, models, seed)
     report = RunReport(task.name, zoo_name)
     settings = json.dumps({"protocol": task.protocol.name, "settings": task.settings.model_dump(mode="json"),
-                           "metrics": [m.name for m in task.config.metrics], "versions": versions(),
+                           "metrics": list(task.metrics), "versions": versions(),
                            "n_models": len(models)}, sort_keys=True)
     for call in calls:
         key = part_key(task, call)

@@ -13,8 +13,11 @@
       - method: interpolation
         sweep: {alpha: [0.0, 0.5, 1.0]}   # one run per value (several keys: their product)
         parameters: {}                      # fixed parameters
-    metrics:
-      - {name: test_acc, higher_is_better: true}
+    metrics: [test_acc, gain_over_best]   # optional: which of the protocol's metrics to show, in
+                                          # order (the first ranks); default: all of them
+
+A metric's direction (higher or lower is better) is declared by the protocol, once
+(`register_protocol(..., metrics={"test_acc": "higher", ...})`), not by the task.
 
 Built-in tasks are in benchmarks/tasks/; `--include-path DIR` adds a user's folder (scanned
 recursively). A task in an included folder replaces a built-in one of the same name.
@@ -35,17 +38,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zoo.catalog import first_error
-from zoo.errors import ZooError
+from zoo.errors import ZooError, one_line
 
 from .registry import Method, Parameters, Protocol, get_method, get_protocol
 
 BUILTIN_TASKS = Path(__file__).parent / "tasks"
-
-
-class MetricSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    higher_is_better: bool = True
 
 
 class MethodEntry(BaseModel):
@@ -66,7 +63,7 @@ class TaskConfig(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     hook: str | None = None
     methods: list[MethodEntry] = Field(min_length=1)
-    metrics: list[MetricSpec] = Field(min_length=1)
+    metrics: list[str] | None = Field(None, min_length=1)  # (None: all the protocol's)
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,15 @@ class Task:
         return self.config.task
 
     @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics the task shows and stores, in order (the first ranks the leaderboard)."""
+        return tuple(self.config.metrics) if self.config.metrics else self.protocol.metric_names
+
+    @property
     def higher_is_better(self) -> dict[str, bool]:
-        return {m.name: m.higher_is_better for m in self.config.metrics}
+        """Each shown metric's direction, as its protocol declares it."""
+        directions = self.protocol.higher_is_better
+        return {name: directions[name] for name in self.metrics}
 
     def select(self, methods: list[str] | None) -> list[MethodCall]:
         """The calls of the methods named (all when None); an unknown name is an error."""
@@ -129,6 +133,11 @@ def load_task(path: str | Path) -> Task:
         raise ZooError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(body, dict):
         raise ZooError(f"{where}: a task file is a mapping (task:, protocol:, methods:, metrics:)")
+    shown = body.get("metrics")
+    for k, metric in enumerate(shown if isinstance(shown, list) else []):
+        if isinstance(metric, dict):  # the old form {name: ..., higher_is_better: ...}
+            raise ZooError(f"{where}, field 'metrics.{k}': name the metric only (metrics: [test_acc, ...]); "
+                           f"its direction is declared by the protocol")
     try:
         config = TaskConfig(**body)
     except ValidationError as e:
@@ -142,11 +151,13 @@ def load_task(path: str | Path) -> Task:
     except ValidationError as e:
         field, message = first_error(e, "settings")
         raise ZooError(f"{where}, field {field!r}: {message}") from None
-    known = protocol.metrics
-    for k, metric in enumerate(config.metrics):
-        if metric.name not in known:
-            raise ZooError(f"{where}, field 'metrics.{k}.name': protocol {protocol.name!r} reports no metric "
-                           f"{metric.name!r}; it reports: {', '.join(known)}")
+    known = protocol.metric_names
+    for k, metric in enumerate(config.metrics or []):
+        if metric not in known:
+            raise ZooError(f"{where}, field 'metrics.{k}': task {config.task!r}: protocol {protocol.name!r} reports no "
+                           f"metric {metric!r}; it reports: {', '.join(known)}")
+        if metric in config.metrics[:k]:
+            raise ZooError(f"{where}, field 'metrics.{k}': task {config.task!r} lists metric {metric!r} twice")
     calls = []
     for k, entry in enumerate(config.methods):
         label = f"{where}, field 'methods.{k}'"
@@ -207,6 +218,9 @@ def _import_hook(path: Path, where: str) -> None:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except ZooError as e:  # a registration refused (a duplicate name, a method of the wrong shape)
+        del sys.modules[name]
+        raise ZooError(f"{where}, field 'hook': {path}: {one_line(e)}") from None
     except Exception as e:  # a user's file: any error is reported as theirs, in one line
         del sys.modules[name]
-        raise ZooError(f"{where}, field 'hook': importing {path} failed: {type(e).__name__}: {e}") from None
+        raise ZooError(f"{where}, field 'hook': importing {path} failed: {type(e).__name__}: {one_line(e)}") from None

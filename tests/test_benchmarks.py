@@ -160,7 +160,7 @@ def _write(path: Path, body: dict) -> Path:
 
 TASK = {"task": "mine", "protocol": "prune", "zoo": "smoke",
         "methods": [{"method": "magnitude_global", "sweep": {"sparsity": [0.5]}}],
-        "metrics": [{"name": "test_acc"}]}
+        "metrics": ["test_acc"]}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -168,7 +168,9 @@ TASK = {"task": "mine", "protocol": "prune", "zoo": "smoke",
     ({"methods": [{"method": "random", "parameters": {"sparsty": 0.5}}]}, r"field 'methods.0': method 'random', parameter 'sparsty': unknown field"),
     ({"methods": [{"method": "random", "sweep": {"sparsity": [1.5]}}]}, r"parameter 'sparsity': Input should be less than 1"),
     ({"methods": [{"method": "uniform_soup"}]}, r"'uniform_soup' is a merging method; protocol 'prune' scores pruning"),
-    ({"metrics": [{"name": "accuracy"}]}, r"field 'metrics.0.name': protocol 'prune' reports no metric 'accuracy'"),
+    ({"metrics": ["accuracy"]}, r"field 'metrics.0': task 'mine': protocol 'prune' reports no metric 'accuracy'"),
+    ({"metrics": [{"name": "test_acc", "higher_is_better": True}]}, r"field 'metrics.0': name the metric only"),
+    ({"metrics": ["test_acc", "test_acc"]}, r"field 'metrics.1': task 'mine' lists metric 'test_acc' twice"),
     ({"protocol": "nope"}, r"field 'protocol': unknown protocol 'nope'"),
     ({"settings": {"finetune_epochs": -1}}, r"field 'settings.finetune_epochs'"),
     ({"colour": "red"}, r"field 'colour': unknown field"),
@@ -241,7 +243,7 @@ def test_a_method_that_raises_on_one_cell_fails_that_cell_only_and_is_retried(ro
         "    return uniform_soup(states)\n"
     )
     path = _write(tmp_path / "flaky.yaml", {"task": "flaky", "protocol": "merge_seeds", "hook": "flaky.py",
-                                            "methods": [{"method": "flaky_soup"}], "metrics": [{"name": "test_acc"}]})
+                                            "methods": [{"method": "flaky_soup"}], "metrics": ["test_acc"]})
     task = load_task(path)
     import os
 
@@ -340,7 +342,7 @@ def test_batchnorm_reestimation_rescues_averaged_batchnorm_cnns(tmp_path):
     assert generate(config, store, LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs"), progress=False).trained == 3
     task = _write(tmp_path / "bn.yaml", {"task": "bn", "protocol": "merge_seeds", "zoo": "bn-cnn",
                                         "methods": [{"method": "uniform_soup"}, {"method": "weight_matching_soup"}],
-                                        "metrics": [{"name": "test_acc"}, {"name": "test_acc_bn"}]})
+                                        "metrics": ["test_acc", "test_acc_bn"]})
     assert not run_task(zoo.open(store.root), load_task(task), "bn-cnn").failed
     board = benchmarks.leaderboard(zoo.open(store.root), "bn").set_index("method")
     for method in ("uniform_soup", "weight_matching_soup"):
@@ -353,7 +355,7 @@ def test_weight_generation_scores_accuracy_and_novelty(root, tmp_path):
     task = _write(tmp_path / "gen.yaml", {
         "task": "gen", "protocol": "generate_weights", "zoo": "smoke",
         "select": "SELECT model_id FROM models WHERE zoo = $zoo AND load = 32",
-        "settings": {"samples": 5}, "metrics": [{"name": "gen_acc_mean"}, {"name": "novelty_iou", "higher_is_better": False}],
+        "settings": {"samples": 5}, "metrics": ["gen_acc_mean", "novelty_iou"],
         "methods": [{"method": "copies"}, {"method": "random_init"}, {"method": "gaussian"},
                     {"method": "autoencoder", "parameters": {"latent": 2, "steps": 200}}]})
     assert not run_task(zoo.open(root), load_task(task), "smoke").failed
@@ -419,7 +421,7 @@ def test_the_readme_example_task_and_hook_run_as_written(root, tmp_path, capsys)
 def test_pruning_with_a_short_finetune_keeps_the_mask_and_recovers_accuracy(root, tmp_path):
     path = _write(tmp_path / "ft.yaml", {**TASK, "task": "ft", "settings": {"finetune_epochs": 2},
                                          "methods": [{"method": "magnitude_global", "parameters": {"sparsity": 0.9}}],
-                                         "metrics": [{"name": "test_acc"}, {"name": "test_acc_finetuned"}, {"name": "sparsity"}]})
+                                         "metrics": ["test_acc", "test_acc_finetuned", "sparsity"]})
     seen = []
     original = pruning._masked_finetune
 
@@ -475,9 +477,151 @@ def test_a_hook_that_registers_a_built_in_name_is_refused_naming_both_definition
         "    return states[0]\n"
     )
     path = _write(tmp_path / "sneaky.yaml", {"task": "sneaky", "protocol": "merge_seeds", "hook": "sneaky.py",
-                                             "methods": [{"method": "uniform_soup"}], "metrics": [{"name": "test_acc"}]})
+                                             "methods": [{"method": "uniform_soup"}], "metrics": ["test_acc"]})
     assert main(["bench", str(path), "--root", str(root), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "method 'uniform_soup' is defined twice" in err
     assert "benchmarks.merging._uniform_soup" in err and "my_soup" in err and "sneaky.py" in err
     assert benchmarks.METHODS["uniform_soup"].function.__module__ == "benchmarks.merging"
+
+
+# --------------------------------------------------------------------------- contracts and metric directions
+
+
+def _kind(argument: int, p, seed):
+    return None
+
+
+def _register(kind: str, function, name: str, parameters=benchmarks.Parameters):
+    return benchmarks.register_method(name, kind=kind, parameters=parameters)(function)
+
+
+def _merge_too_few(states, p):
+    return states[0]
+
+
+def _merge_too_many(states, p, ctx, extra):
+    return states[0]
+
+
+def _merge_keyword_only(states, p, ctx, *, extra):
+    return states[0]
+
+
+def _merge_wrong_parameters(states, p: merging.TiesParameters, ctx):
+    return states[0]
+
+
+def _merge_wrong_input(states: nn.Module, p, ctx):
+    return states
+
+
+def _merge_wrong_return(states, p, ctx) -> float:
+    return 0.0
+
+
+@pytest.mark.parametrize("function, problem", [
+    (_merge_too_few, "has the signature (states, p), but it takes 2 positional arguments and is passed 3"),
+    (_merge_too_many, "has the signature (states, p, ctx, extra), but it requires 4 positional arguments and is passed 3"),
+    (_merge_keyword_only, "its keyword-only argument 'extra' is never passed"),
+    (_merge_wrong_parameters, "its argument 'p' is annotated merging.TiesParameters and is passed an instance of Parameters"),
+    (_merge_wrong_input, "its argument 'states' is annotated nn.Module and is passed list[StateDict]"),
+    (_merge_wrong_return, "has the signature (states, p, ctx) -> float, but it returns float"),
+])
+def test_a_method_of_the_wrong_shape_is_refused_when_registered_naming_it_and_the_expected_signature(function, problem):
+    name = f"misshapen{function.__name__}"
+    with pytest.raises(ZooError) as e:
+        _register("merging", function, name)
+    message = str(e.value)
+    assert "\n" not in message and f"merging method {name!r}" in message and function.__qualname__ in message
+    assert problem in message
+    assert message.endswith("expected (states: list[StateDict], p: Parameters, ctx: MergeContext, /) -> StateDict")
+    assert name not in benchmarks.METHODS
+
+
+def test_each_kind_has_its_own_contract_and_any_argument_names_fit_it():
+    def masks(model, parameters: pruning.PruneParameters, rng):  # names are free: arguments go by position
+        return {}
+
+    assert _register("pruning", masks, "contract_masks", pruning.PruneParameters) is masks
+    assert benchmarks.METHODS["contract_masks"].function is masks
+    with pytest.raises(ZooError, match=r"^prediction method 'contract_model' .* but its argument 'argument' is annotated "
+                                       r"int and is passed PredictionKind; expected \(kind: PredictionKind, p: Parameters, "
+                                       r"seed: int, /\) -> Estimator$"):
+        _register("prediction", _kind, "contract_model")
+    # a plain merge function (one argument) is not a generation method
+    with pytest.raises(ZooError, match=r"expected \(weights: torch.Tensor, p: Parameters, ctx: GenerationContext, /\) "
+                                       r"-> torch.Tensor$"):
+        _register("generation", merging.uniform_soup, "contract_generation")
+    # a protocol's function takes (unit, call, settings), its settings annotated with a base of the declared class
+    with pytest.raises(ZooError, match=r"protocol 'contract_protocol' .* expected \(unit: UnitContext, call: MethodCall, "
+                                       r"settings: PruneSettings, /\) -> Scores$"):
+        benchmarks.register_protocol("contract_protocol", "pruning", "model", {"test_acc": "higher"},
+                                     pruning.PruneSettings)(lambda unit, call: {})
+    assert "contract_protocol" not in benchmarks.PROTOCOLS
+
+
+@pytest.mark.parametrize("register, message", [
+    (lambda: _register("merge", merging.uniform_soup, "contract_unknown"),
+     r"^method 'contract_unknown' \(.*uniform_soup.*\): unknown kind 'merge'; known: merging, pruning, prediction, generation$"),
+    (lambda: benchmarks.register_protocol("contract_unknown", "prunning", "model", {"a": "higher"})(lambda u, c, s: {}),
+     r"^protocol 'contract_unknown' \(.*\): unknown kind 'prunning'; known: merging, pruning, prediction, generation$"),
+    (lambda: benchmarks.register_protocol("contract_unknown", "pruning", "model", ("test_acc",))(lambda u, c, s: {}),
+     r"metrics are declared with their direction, e\.g\. metrics=\{'test_acc': 'higher', 'acc_drop': 'lower'\}"),
+    (lambda: benchmarks.register_protocol("contract_unknown", "pruning", "model", {"test_acc": "up"})(lambda u, c, s: {}),
+     r"metric 'test_acc' has direction 'up'; a metric's direction is 'higher' or 'lower'$"),
+])
+def test_an_unknown_kind_or_an_undirected_metric_is_refused_when_registered(register, message):
+    with pytest.raises(ZooError, match=message):
+        register()
+    assert "contract_unknown" not in benchmarks.METHODS and "contract_unknown" not in benchmarks.PROTOCOLS
+
+
+def test_a_hook_that_registers_a_misshapen_method_gets_one_line_from_zoo_bench(root, tmp_path, capsys):
+    (tmp_path / "misshapen.py").write_text(
+        "from benchmarks import register_method\n"
+        "@register_method('two_argument_soup', kind='merging')\n"
+        "def two_argument_soup(states, p):\n"
+        "    return states[0]\n"
+    )
+    path = _write(tmp_path / "misshapen.yaml", {"task": "misshapen", "protocol": "merge_seeds", "hook": "misshapen.py",
+                                                "methods": [{"method": "two_argument_soup"}]})
+    assert main(["bench", str(path), "--root", str(root), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("zoo: error:") and "Traceback" not in err + captured.out
+    assert "field 'hook'" in err and "merging method 'two_argument_soup'" in err and "misshapen.py" in err
+    assert "(states, p)" in err and "expected (states: list[StateDict], p: Parameters, ctx: MergeContext, /) -> StateDict" in err
+    assert "two_argument_soup" not in benchmarks.METHODS
+
+
+def test_a_task_names_only_the_metrics_to_show_and_an_unknown_one_is_one_line(tmp_path):
+    everything = load_task(_write(tmp_path / "all.yaml", {k: v for k, v in TASK.items() if k != "metrics"}))
+    assert everything.metrics == ("test_acc", "test_acc_before", "acc_drop", "test_acc_finetuned", "sparsity")
+    chosen = load_task(_write(tmp_path / "two.yaml", {**TASK, "metrics": ["acc_drop", "test_acc"]}))
+    assert chosen.metrics == ("acc_drop", "test_acc") and chosen.higher_is_better == {"acc_drop": False, "test_acc": True}
+    path = _write(tmp_path / "bad.yaml", {**TASK, "metrics": ["test_acc", "acc"]})
+    with pytest.raises(ZooError) as e:
+        load_task(path)
+    assert str(e.value) == (f"{path}, field 'metrics.1': task 'mine': protocol 'prune' reports no metric 'acc'; "
+                            f"it reports: test_acc, test_acc_before, acc_drop, test_acc_finetuned, sparsity")
+
+
+def test_the_leaderboard_ranks_in_the_direction_the_protocol_declares(root, tmp_path):
+    (tmp_path / "directed.py").write_text(
+        "from benchmarks import register_protocol\n"
+        "@register_protocol('directed', kind='prediction', unit='population', metrics={'loss': 'lower', 'score': 'higher'})\n"
+        "def directed(unit, call, settings):\n"
+        "    return {'loss': call.parameters.alpha, 'score': call.parameters.alpha}\n"
+    )
+    body = {"protocol": "directed", "hook": "directed.py", "methods": [{"method": "linear", "sweep": {"alpha": [3.0, 1.0, 10.0]}}]}
+    by_loss = load_task(_write(tmp_path / "by-loss.yaml", {**body, "task": "by-loss", "metrics": ["loss", "score"]}))
+    by_score = load_task(_write(tmp_path / "by-score.yaml", {**body, "task": "by-score", "metrics": ["score", "loss"]}))
+    for task in (by_loss, by_score):
+        assert not run_task(zoo.open(root), task, "smoke").failed
+    stored = zoo.open(root).sql("select distinct metric, higher_is_better from benchmark_results where task = 'by-loss'")
+    assert dict(zip(stored["metric"], stored["higher_is_better"])) == {"loss": False, "score": True}
+    ascending = benchmarks.leaderboard(zoo.open(root), "by-loss")
+    assert list(ascending["loss"]) == [1.0, 3.0, 10.0] and list(ascending["rank"]) == [1, 2, 3]
+    assert list(ascending["method"]) == ["linear(alpha=1.0)", "linear(alpha=3.0)", "linear(alpha=10.0)"]
+    assert list(benchmarks.leaderboard(zoo.open(root), "by-score")["score"]) == [10.0, 3.0, 1.0]

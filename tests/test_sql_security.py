@@ -1,4 +1,4 @@
-"""`zoo sql`, `Zoo.sql()` and a task's `select:` are read-only by construction (zoo/sql.py): every
+"""`zoo sql`, `Root.sql()` and a task's `select:` are read-only by construction (zoo/sql.py): every
 DuckDB statement type, plain and wrapped, and a generated corpus, run against a root whose every
 file is hashed before and after; the second wall (the connection cannot write) tested on its own
 by running writes past the first; limits (time, memory, Ctrl-C); and the readers of an untrusted
@@ -180,7 +180,7 @@ def test_the_command_line_and_a_task_select_refuse_the_same_way(attacked, tmp_pa
     out = str(attacked / "x.csv")
     task = tmp_path / "evil.yaml"
     task.write_text(yaml.safe_dump({
-        "task": "evil", "protocol": "prune", "zoo": "smoke", "metrics": [{"name": "test_acc"}],
+        "task": "evil", "protocol": "prune", "zoo": "smoke", "metrics": ["test_acc"],
         "methods": [{"method": "magnitude_global", "sweep": {"sparsity": [0.5]}}],
         "select": f"EXPLAIN ANALYZE COPY (SELECT model_id FROM models) TO '{out}'"}))
     before = snapshot(attacked.parent, tmp_path)
