@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import submitit
 import torch
@@ -28,6 +29,33 @@ from .stacked import group_into_stacks, shape_key, stack_key, train_stack
 from .training import train
 
 
+@dataclass(frozen=True)
+class TrainingItem:
+    """One unit of a training job: a group of models trained together and the members of it to
+    store. `models` is a stack of same-shape MLPs trained as one computation (`stacked.py`), or a
+    single model on the reference path; the whole group is trained (its company fixes its bits),
+    `store` names the members wanted, and `stacked` says whether the group trains as a stack.
+
+    An item becomes text only where it is handed to the submitit launcher (`zoo.launch` takes
+    JSON strings, and submitit pickles them with the job): `to_json`/`from_json` are that
+    boundary, and the text is `{"models": [spec JSON, ...], "store": [model_id, ...], "stacked": bool}`,
+    as it always was, so the pickles of a launch in flight still read."""
+
+    models: tuple[ModelSpec, ...]
+    store: tuple[str, ...]
+    stacked: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps({"models": [spec.to_json() for spec in self.models], "store": list(self.store),
+                           "stacked": self.stacked})
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingItem":
+        data = json.loads(text)
+        return cls(tuple(ModelSpec.from_json(spec) for spec in data["models"]), tuple(data["store"]),
+                   data.get("stacked", True))
+
+
 @dataclass
 class JobReport:
     trained: list[str] = field(default_factory=list)
@@ -36,33 +64,32 @@ class JobReport:
     resumed: dict[str, int] = field(default_factory=dict)  # model_id -> the saved epoch it continued after
 
 
-def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
+def train_and_store(root: str, items: Sequence[TrainingItem | str], threads: int = 1) -> JobReport:
     """Train the groups of models that `items` describe and store their missing members.
 
-    An item is JSON `{"models": [spec, ...], "store": [model_id, ...]}`: a stack of same-shape
-    MLPs trained as one computation (`stacked.py`), or a single model on the reference path.
-    The whole group is trained (its company fixes its bits) and only the members in `store` that
-    are not yet stored are written. If a stack raises, its members are retried one by one, so one
-    bad model fails alone. `threads` fixes torch's intra-op threads (1 by default: results then
-    do not depend on how many jobs share the machine)."""
+    Each item (a `TrainingItem`, or its JSON as the launcher hands it over) is a group of models
+    trained together; only the members in its `store` that are not yet stored are written. If a
+    stack raises, its members are retried one by one, so one bad model fails alone. `threads`
+    fixes torch's intra-op threads (1 by default: results then do not depend on how many jobs
+    share the machine)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         store = Store(root, create=True)
         report = JobReport()
         job_id = current_job_id()
-        queue = [json.loads(text) for text in items]
+        queue = [TrainingItem.from_json(item) if isinstance(item, str) else item for item in items]  # text: parsed once
         while queue:
             item = queue.pop(0)
-            group = [ModelSpec.from_json(text) for text in item["models"]]
+            group = list(item.models)
             stored = store.stored_ids("models", group[0].zoo)
-            wanted = [m for m in item["store"] if m not in stored]
-            report.skipped += [m for m in item["store"] if m not in wanted]
+            wanted = [m for m in item.store if m not in stored]
+            report.skipped += [m for m in item.store if m not in wanted]
             if not wanted:
                 continue
             try:
                 data = load_dataset(group[0].dataset)
-                stacked = item.get("stacked", True) and shape_key(group[0]) is not None
+                stacked = item.stacked and shape_key(group[0]) is not None
                 if stacked:
                     results = train_stack(group, data)
                 else:  # the reference path saves its state now and then, and resumes from it
@@ -80,7 +107,7 @@ def train_and_store(root: str, items: list[str], threads: int = 1) -> JobReport:
                 raise  # a full disk or a read-only root: no other model can be stored either
             except Exception as e:
                 if len(group) > 1:
-                    queue[:0] = [{**item, "models": [spec.to_json()], "store": [spec.model_id]}
+                    queue[:0] = [replace(item, models=(spec,), store=(spec.model_id,))
                                  for spec in group if spec.model_id in wanted]
                     continue
                 message = f"{type(e).__name__}: {e}"
@@ -97,11 +124,13 @@ class TrainAndStore(submitit.helpers.Checkpointable):
     since stored models are skipped, the requeued job resumes after the last model it stored,
     and a model cut off mid-training continues from its last saved state (`resume.py`)."""
 
-    def __call__(self, root: str, items: list[str], threads: int = 1) -> JobReport:
+    def __call__(self, root: str, items: Sequence[TrainingItem | str], threads: int = 1) -> JobReport:
         return train_and_store(root, items, threads)
 
 
-def work_items(specs: list[ModelSpec], missing: set[str], stacked: bool = True, limit: int | None = None) -> list[str]:
+def work_items(
+    specs: list[ModelSpec], missing: set[str], stacked: bool = True, limit: int | None = None,
+) -> list[TrainingItem]:
     """The job items that train the `missing` models of `specs` (a whole zoo, or a subset of
     it), at most `limit` stored: stacks cut from `specs` (see `group_into_stacks`), or one model
     per item on the reference path when `stacked` is False."""
@@ -111,6 +140,6 @@ def work_items(specs: list[ModelSpec], missing: set[str], stacked: bool = True, 
         store = [spec.model_id for spec in group if spec.model_id in missing][: int(min(budget, len(group)))]
         if store:
             on_stack = stacked and stack_key(group[0]) is not None  # decided where the zoo is planned
-            items.append(json.dumps({"models": [spec.to_json() for spec in group], "store": store, "stacked": on_stack}))
+            items.append(TrainingItem(tuple(group), tuple(store), on_stack))
             budget -= len(store)
     return items

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -33,6 +34,31 @@ from zoo.schemas import SCHEMAS
 from zoo.storage import Store
 
 from .families import FAMILIES, Family, ModelContext, Result, cell_contexts, get_families, settings_hash
+
+
+@dataclass(frozen=True)
+class MetricsCell:
+    """One unit of a metrics job: a cell of the grid (a load and a temperature of a zoo) at one
+    epoch, with its stored models in seed order (pair metrics need them together).
+
+    A cell becomes text only where it is handed to the submitit launcher (`zoo.launch` takes JSON
+    strings, and submitit pickles them with the job): `to_json`/`from_json` are that boundary,
+    and the text is `{"zoo", "load", "temperature", "epoch", "models"}`, as it always was."""
+
+    zoo: str
+    load: float
+    temperature: float
+    epoch: int
+    models: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"zoo": self.zoo, "load": self.load, "temperature": self.temperature, "epoch": self.epoch,
+                           "models": list(self.models)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "MetricsCell":
+        data = json.loads(text)
+        return cls(data["zoo"], data["load"], data["temperature"], data["epoch"], tuple(data["models"]))
 
 
 @dataclass
@@ -66,18 +92,19 @@ def part_key(family: str, ids: list[str], epoch: int, digest: str) -> str:
     return f"{family}-{'-'.join(ids)}-e{epoch}-{digest}"
 
 
-def compute_cells(root: str, items: list[str], families: list[str], settings: dict[str, dict], threads: int = 1) -> MetricsReport:
-    """Job function: compute `families` for the cells described by `items` (JSON: zoo, epoch,
-    model ids in seed order) and store them. Idempotent."""
+def compute_cells(root: str, items: Sequence[MetricsCell | str], families: list[str], settings: dict[str, dict],
+                  threads: int = 1) -> MetricsReport:
+    """Job function: compute `families` for the cells `items` (`MetricsCell`s, or their JSON as the
+    launcher hands them over) and store them. Idempotent."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         handle = zoo.open(root)
         report = MetricsReport()
         record = versions()
-        for text in items:
-            cell = json.loads(text)
-            contexts = cell_contexts(handle, cell["models"], cell["epoch"])  # models load once per cell
+        cells = [MetricsCell.from_json(item) if isinstance(item, str) else item for item in items]  # text: parsed once
+        for cell in cells:
+            contexts = cell_contexts(handle, list(cell.models), cell.epoch)  # models load once per cell
             for family in get_families(families):
                 resolved = family.resolve(settings.get(family.name))
                 started = time.perf_counter()
@@ -88,9 +115,9 @@ def compute_cells(root: str, items: list[str], families: list[str], settings: di
         torch.set_num_threads(previous)
 
 
-def _compute_family(handle, cell: dict, contexts: list[ModelContext], family: Family, settings, record: dict,
+def _compute_family(handle, cell: MetricsCell, contexts: list[ModelContext], family: Family, settings, record: dict,
                     report: MetricsReport) -> None:
-    store, zoo_name, epoch = handle.store, cell["zoo"], cell["epoch"]
+    store, zoo_name, epoch = handle.store, cell.zoo, cell.epoch
     digest = settings_hash(family.name, settings)
     settings_json = json.dumps({"family": family.name, "settings": settings.model_dump(), "versions": record}, default=str)
     if family.level == "model":
@@ -197,16 +224,16 @@ def _write_model_result(store: Store, zoo_name: str, family: Family, ctx: ModelC
 # --- orchestration -------------------------------------------------------------------------
 
 
-def plan_cells(handle, config: ZooConfig, epochs: list[int]) -> list[str]:
+def plan_cells(handle, config: ZooConfig, epochs: list[int]) -> list[MetricsCell]:
     models = handle.sql("select model_id, load, temperature, seed from models where zoo = ? order by load, temperature, seed", [config.name])
     if models.empty:
         raise ZooError(f"zoo {config.name!r} has no stored models in {handle.root}; run `zoo generate {config.name}` first")
-    items = []
+    cells = []
     for (load, temperature), group in models.groupby(["load", "temperature"], sort=True):
         for epoch in epochs:
-            items.append(json.dumps({"zoo": config.name, "load": load, "temperature": temperature, "epoch": epoch,
-                                     "models": list(group["model_id"])}))
-    return items
+            cells.append(MetricsCell(config.name, float(load), float(temperature), int(epoch),
+                                     tuple(group["model_id"])))
+    return cells
 
 
 def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epoch: str, options: LaunchOptions,
@@ -220,8 +247,8 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
     # a bad setting fails here, before any job
     digests = {f.name: settings_hash(f.name, f.resolve(overrides.get(f.name))) for f in chosen}
     handle = zoo.open(store.root)
-    items = plan_cells(handle, config, config.select_epochs(epoch))
-    sizes = [len(json.loads(item)["models"]) for item in items]
+    cells = plan_cells(handle, config, config.select_epochs(epoch))
+    sizes = [len(cell.models) for cell in cells]
     total = sum(n if f.level == "model" else n * (n - 1) // 2 for n in sizes for f in chosen)
     report = MetricsReport()
     started = time.perf_counter()
@@ -237,7 +264,8 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
             bar.update(done - bar.n)
 
     try:
-        outcomes = run_jobs(compute_cells, items, options, f"metrics-{config.name}",
+        # the launcher takes (and submitit pickles) items as JSON text: cells become text here only
+        outcomes = run_jobs(compute_cells, [cell.to_json() for cell in cells], options, f"metrics-{config.name}",
                             kwargs={"root": str(store.root), "families": [f.name for f in chosen], "settings": overrides},
                             on_poll=show_progress)
     finally:
@@ -247,6 +275,7 @@ def run_metrics(config: ZooConfig, store: Store, families: list[str] | None, epo
             report.failed_jobs.append(outcome.error)
         else:
             report.merge(outcome.result)
+    store.sweep(config.name)  # temporary files of killed workers
     store.write_index()
     report.seconds_by_family["total"] = time.perf_counter() - started
     return report
