@@ -30,27 +30,27 @@ from zoo.settings import Settings
 class ModelContext:
     """One stored model at one epoch, loaded lazily, with its data and its cell partners."""
 
-    zoo_handle: Any  # zoo.api.Zoo
+    handle: Any  # zoo.api.Root
     model_id: str
     epoch: int
     partners: list["ModelContext"] = field(default_factory=list)
 
     @cached_property
     def spec(self):
-        return self.zoo_handle.spec(self.model_id)
+        return self.handle.spec(self.model_id)
 
     @cached_property
     def data(self):
-        return self.zoo_handle.data(self.model_id)
+        return self.handle.data(self.model_id)
 
     @cached_property
     def model(self) -> torch.nn.Module:
-        return self.zoo_handle.load_model(self.model_id, self.epoch)
+        return self.handle.load_model(self.model_id, self.epoch)
 
     @cached_property
     def curves(self) -> dict:
         """The curves row at this epoch (`cell_contexts` reads a whole cell's rows in one query)."""
-        rows = self.zoo_handle.sql("select * from curves where model_id = ? and epoch = ?", [self.model_id, self.epoch])
+        rows = self.handle.sql("select * from curves where model_id = ? and epoch = ?", [self.model_id, self.epoch])
         return rows.iloc[0].to_dict() if len(rows) else {}
 
 
@@ -68,13 +68,13 @@ class ModelContext:
         return all(torch.isfinite(p).all() for p in self.model.parameters())
 
 
-def cell_contexts(zoo_handle, model_ids: list[str], epoch: int) -> list[ModelContext]:
+def cell_contexts(handle, model_ids: list[str], epoch: int) -> list[ModelContext]:
     """Contexts for the models of one cell, each with the others as partners; configs and
     curves are read in one query each."""
-    zoo_handle.specs(model_ids)
-    rows = zoo_handle.sql("select * from curves where model_id in (select unnest(?)) and epoch = ?", [model_ids, epoch])
+    handle.specs(model_ids)
+    rows = handle.sql("select * from curves where model_id in (select unnest(?)) and epoch = ?", [model_ids, epoch])
     by_id = {r["model_id"]: r for r in rows.to_dict("records")}
-    contexts = [ModelContext(zoo_handle, model_id, epoch) for model_id in model_ids]
+    contexts = [ModelContext(handle, model_id, epoch) for model_id in model_ids]
     for ctx in contexts:
         ctx.__dict__["curves"] = by_id.get(ctx.model_id, {})  # fills the cached property
         ctx.partners = [c for c in contexts if c is not ctx]
@@ -317,7 +317,7 @@ def weightspace(contexts: list[ModelContext], s: WeightSpaceSettings) -> list[Re
 
     results = []
     for ctx in contexts:
-        init = ctx.zoo_handle.load_model(ctx.model_id, 0)
+        init = ctx.handle.load_model(ctx.model_id, 0)
         model_metrics, layer_metrics = weight_statistics(ctx.model, init, [p.model for p in ctx.partners])
         model_metrics.pop("n_params", None)
         results.append(Result({k: float(v) for k, v in model_metrics.items()}, layers=layer_metrics))

@@ -105,7 +105,7 @@ def test_report_writes_only_inside_its_folder_whatever_the_stored_names(copy, tm
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page  # zoo text is escaped
 
 
-# --- Zoo.export ----------------------------------------------------------------------------
+# --- Root.export ----------------------------------------------------------------------------
 
 
 def test_export_refuses_an_absolute_path_and_a_dotdot_component(copy, tmp_path, monkeypatch):

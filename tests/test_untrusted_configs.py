@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from zoo.api import Zoo
+from zoo.api import Root
 from zoo.architectures import ARCHITECTURES, build_model
 from zoo.catalog import CatalogError, parse_zoo
 from zoo.datasets import _load_cached
@@ -75,7 +75,7 @@ def set_path(config: dict, *keys_and_value):
 
 def test_a_stored_depth_of_ten_million_is_refused_at_once_without_memory(smoke_root, tmp_path):
     root, model_id = tampered(smoke_root, tmp_path, lambda c: set_path(c, "architecture", "depth", 10_000_000))
-    z = Zoo(root)
+    z = Root(root)
     before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
     message = refused(lambda: z.load_model(model_id), model_id, "architecture.depth")
     assert time.monotonic() - start < 5
@@ -86,7 +86,7 @@ def test_a_stored_depth_of_ten_million_is_refused_at_once_without_memory(smoke_r
 
 def test_a_stored_width_of_1e12_is_refused_in_one_line(smoke_root, tmp_path):
     root, model_id = tampered(smoke_root, tmp_path, lambda c: set_path(c, "architecture", "width", 1e12))
-    refused(lambda: Zoo(root).load_model(model_id), model_id, "architecture.width")
+    refused(lambda: Root(root).load_model(model_id), model_id, "architecture.width")
 
 
 def test_a_model_within_every_bound_but_over_the_parameter_budget_is_refused(smoke_root, tmp_path, monkeypatch):
@@ -94,11 +94,11 @@ def test_a_model_within_every_bound_but_over_the_parameter_budget_is_refused(smo
         config["architecture"].update(width=100_000, depth=1000)  # 1e13 parameters
 
     root, model_id = tampered(smoke_root, tmp_path, huge)
-    message = refused(lambda: Zoo(root).load_model(model_id), model_id, "architecture")
+    message = refused(lambda: Root(root).load_model(model_id), model_id, "architecture")
     assert "budget" in message and "ZOO_MAX_PARAMS" in message
     # the budget is the user's: below the smoke models' sizes, even they are refused
     monkeypatch.setenv("ZOO_MAX_PARAMS", "1000")
-    z = Zoo(smoke_root)
+    z = Root(smoke_root)
     sizes = dict(z.sql("select model_id, n_params from models").itertuples(index=False))
     small, large = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
     assert sizes[small] < 1000 < sizes[large]
@@ -116,25 +116,25 @@ def teacher_student(test_size):
 
 def test_a_stored_test_size_of_1e13_is_refused_in_one_line(smoke_root, tmp_path):
     root, model_id = tampered(smoke_root, tmp_path, teacher_student(1e13))
-    refused(lambda: Zoo(root).data(model_id), model_id, "dataset.test_size")
+    refused(lambda: Root(root).data(model_id), model_id, "dataset.test_size")
 
 
 def test_a_generated_data_set_over_the_data_budget_is_refused(smoke_root, tmp_path):
     root, model_id = tampered(smoke_root, tmp_path, teacher_student(10**8), n_params=built_params)
-    message = refused(lambda: Zoo(root).data(model_id), model_id, "dataset")
+    message = refused(lambda: Root(root).data(model_id), model_id, "dataset")
     assert "budget" in message and "ZOO_MAX_DATA_VALUES" in message
 
 
 def test_a_stored_input_shape_or_parameter_count_that_disagrees_is_refused(smoke_root, tmp_path):
     root, model_id = tampered(smoke_root, tmp_path / "a", lambda c: c.update(input_shape=[1, 100_000, 100_000]))
-    refused(lambda: Zoo(root).load_model(model_id), model_id, "input_shape")
+    refused(lambda: Root(root).load_model(model_id), model_id, "input_shape")
     root, model_id = tampered(smoke_root, tmp_path / "b", lambda c: set_path(c, "architecture", "width", 5))
-    refused(lambda: Zoo(root).load_model(model_id), model_id, "parameters")
+    refused(lambda: Root(root).load_model(model_id), model_id, "parameters")
 
 
 def test_a_stored_seed_of_1e29_is_refused(smoke_root, tmp_path):
     root, model_id = tampered(smoke_root, tmp_path, lambda c: c.update(seed=10**29))
-    refused(lambda: Zoo(root).load_model(model_id), model_id, "seed")
+    refused(lambda: Root(root).load_model(model_id), model_id, "seed")
 
 
 def write_cifar10(folder, label: int):
@@ -157,7 +157,7 @@ def test_a_stored_data_set_path_is_never_followed(smoke_root, tmp_path, monkeypa
         config.update(input_shape=[3, 32, 32], n_classes=10)
 
     root, model_id = tampered(smoke_root, tmp_path, cifar, n_params=built_params)
-    z = Zoo(root)
+    z = Root(root)
     opened = []
     real_fromfile = np.fromfile
     monkeypatch.setattr(np, "fromfile", lambda path, *a, **k: opened.append(str(path)) or real_fromfile(path, *a, **k))
@@ -165,7 +165,7 @@ def test_a_stored_data_set_path_is_never_followed(smoke_root, tmp_path, monkeypa
     assert opened and not any(str(outside) in p for p in opened), opened
     assert z.data(model_id, path=outside).y_test.tolist() == [7]  # a path the user passes is used
     with pytest.raises(ZooError, match="takes no path"):
-        Zoo(smoke_root).data(model_id, path=outside)
+        Root(smoke_root).data(model_id, path=outside)
     _load_cached.cache_clear()
 
 

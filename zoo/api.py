@@ -29,13 +29,15 @@ from .storage import Store, safe_name
 from .weights import TensorEntry, unflatten
 
 
-class Zoo:
-    """A zoo root opened for reading."""
+class Root:
+    """A zoo root opened for reading (the handle `zoo.open` returns; by convention `z`): the
+    stored models of every zoo under it."""
 
-    def __init__(self, root: str | os.PathLike | None = None, timeout: float | None = None, memory_limit: str | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, timeout: float | None = None, memory_limit: str | None = None,
+                 recover: bool = False):
         self.store = Store(root)
         self.root = self.store.root
-        self._con = zsql.Connection(self.store, timeout=timeout, memory_limit=memory_limit)
+        self._con = zsql.Connection(self.store, timeout=timeout, memory_limit=memory_limit, recover=recover)
         self._specs: dict[str, ModelSpec] = {}  # a model id is the hash of its config: safe to cache
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 A zoo is a grid: a load-like axis x a temperature-like axis x seeds, each axis setting one
 hyperparameter (an architecture option such as `width`, a data set option such as `train_size`,
-or a training field such as `batch_size` or `lr`). `Zoo.models()` expands the grid into
+or a training field such as `batch_size` or `lr`). `ZooConfig.models()` expands the grid into
 `ModelSpec`s; a model's id is a hash of its spec, so the same config is the same model wherever
 and whenever it is trained.
 
@@ -281,25 +281,25 @@ class _FieldError(ValueError):
         self.field, self.message = field, message
 
 
-def _hyperparameter_home(zoo: ZooConfig, name: str) -> str:
+def _hyperparameter_home(config: ZooConfig, name: str) -> str:
     """Which section an axis's hyperparameter lives in: 'dataset', 'architecture' or 'training'."""
-    if name in get_architecture(zoo.architecture["name"]).options.model_fields:
+    if name in get_architecture(config.architecture["name"]).options.model_fields:
         return "architecture"
-    if name in get_dataset_type(zoo.dataset["name"]).options.model_fields and name != "path":
+    if name in get_dataset_type(config.dataset["name"]).options.model_fields and name != "path":
         return "dataset"
     if name in Training.model_fields and name not in ("augmentation", "optimizer", "schedule"):
         return "training"
-    raise ValueError(f"{name!r} is not a hyperparameter of {zoo.architecture['name']}, {zoo.dataset['name']} or training")
+    raise ValueError(f"{name!r} is not a hyperparameter of {config.architecture['name']}, {config.dataset['name']} or training")
 
 
-def _resolve(zoo: ZooConfig, load: float, temperature: float, seed: int) -> ModelSpec:
+def _resolve(config: ZooConfig, load: float, temperature: float, seed: int) -> ModelSpec:
     sections = {
-        "dataset": dict(zoo.dataset),
-        "architecture": dict(zoo.architecture),
-        "training": zoo.training.model_dump(),
+        "dataset": dict(config.dataset),
+        "architecture": dict(config.architecture),
+        "training": config.training.model_dump(),
     }
-    for axis, value in ((zoo.load, load), (zoo.temperature, temperature)):
-        sections[_hyperparameter_home(zoo, axis.name)][axis.name] = value
+    for axis, value in ((config.load, load), (config.temperature, temperature)):
+        sections[_hyperparameter_home(config, axis.name)][axis.name] = value
     dataset = get_dataset_type(sections["dataset"]["name"])
     arch = get_architecture(sections["architecture"]["name"])
     data_options = dataset.options(**{k: v for k, v in sections["dataset"].items() if k != "name"})
@@ -307,15 +307,15 @@ def _resolve(zoo: ZooConfig, load: float, temperature: float, seed: int) -> Mode
     dataset_spec = {"name": dataset.name, **data_options.model_dump()}
     input_shape, n_classes = describe_dataset(dataset_spec)
     return ModelSpec(
-        zoo=zoo.name,
+        zoo=config.name,
         dataset=dataset_spec,
         architecture={"name": arch.name, **arch_options.model_dump()},
         training=Training(**sections["training"]),
         seed=seed,
-        checkpoints=sorted(zoo.checkpoints),
-        load_name=zoo.load.name,
+        checkpoints=sorted(config.checkpoints),
+        load_name=config.load.name,
         load=float(load),
-        temperature_name=zoo.temperature.name,
+        temperature_name=config.temperature.name,
         temperature=float(temperature),
         input_shape=list(input_shape),
         n_classes=n_classes,
@@ -372,10 +372,10 @@ def parse_zoo(name: str, body: Any, path: Path | str = "catalog") -> ZooConfig:
     return zoo
 
 
-def _check_resolvable(zoo: ZooConfig, where: str) -> None:
+def _check_resolvable(config: ZooConfig, where: str) -> None:
     """Check names, options and every axis value now, so that a bad catalog fails before any job."""
     for section, lookup in (("dataset", get_dataset_type), ("architecture", get_architecture)):
-        fixed = dict(getattr(zoo, section))
+        fixed = dict(getattr(config, section))
         try:
             kind = lookup(fixed.pop("name"))
             kind.options(**fixed)
@@ -385,23 +385,23 @@ def _check_resolvable(zoo: ZooConfig, where: str) -> None:
             raise CatalogError(f"{where}, {_describe(e, prefix=section)}") from None
     for axis_field in ("load", "temperature"):
         try:
-            _hyperparameter_home(zoo, getattr(zoo, axis_field).name)
+            _hyperparameter_home(config, getattr(config, axis_field).name)
         except ValueError as e:
             raise CatalogError(f"{where}, field '{axis_field}.name': {e}") from None
-    if 0 not in zoo.checkpoints or zoo.training.epochs not in zoo.checkpoints:
-        raise CatalogError(f"{where}, field 'checkpoints': must include 0 and the last epoch ({zoo.training.epochs})")
-    if any(e < 0 or e > zoo.training.epochs for e in zoo.checkpoints):
-        raise CatalogError(f"{where}, field 'checkpoints': epochs must lie in 0..{zoo.training.epochs}")
-    for axis_field, axis in (("load", zoo.load), ("temperature", zoo.temperature)):
+    if 0 not in config.checkpoints or config.training.epochs not in config.checkpoints:
+        raise CatalogError(f"{where}, field 'checkpoints': must include 0 and the last epoch ({config.training.epochs})")
+    if any(e < 0 or e > config.training.epochs for e in config.checkpoints):
+        raise CatalogError(f"{where}, field 'checkpoints': epochs must lie in 0..{config.training.epochs}")
+    for axis_field, axis in (("load", config.load), ("temperature", config.temperature)):
         for value in axis.values:
-            load = value if axis_field == "load" else zoo.load.values[0]
-            temperature = value if axis_field == "temperature" else zoo.temperature.values[0]
+            load = value if axis_field == "load" else config.load.values[0]
+            temperature = value if axis_field == "temperature" else config.temperature.values[0]
             try:
-                spec = _resolve(zoo, load, temperature, zoo.seeds[0])
+                spec = _resolve(config, load, temperature, config.seeds[0])
             except (ValidationError, ZooError) as e:
                 reason = _describe(e, prefix=None) if isinstance(e, ValidationError) else getattr(e, "message", str(e))
                 raise CatalogError(f"{where}, field '{axis_field}.values' ({axis.name}={value}): {reason}") from None
-    if zoo.training.augmentation != "none" and len(spec.input_shape) != 3:
+    if config.training.augmentation != "none" and len(spec.input_shape) != 3:
         raise CatalogError(f"{where}, field 'training.augmentation': {spec.dataset['name']} is not an image data set")
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .catalog import load_catalog
-from .errors import ZooError
+from .errors import ZooError, ZooWarning
 from .launch import EXECUTORS
 from .storage import Store, default_root, safe_name
 
@@ -163,7 +164,9 @@ def _launch_options(args, zoo_config, **extra):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except ZooError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return 2
@@ -171,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         stored = "" if args.command in READERS else "; what was stored is kept, and a rerun goes on from there"
         print(f"zoo: interrupted{stored}", file=sys.stderr)
         return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ZooWarning as one line on stderr; any other warning as Python shows it."""
+    if issubclass(category, ZooWarning):
+        print(f"zoo: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 READERS = {"sql", "catalog", "status", "phases", "plot", "leaderboard", "report", "tasks"}  # (write nothing to a root)
@@ -311,12 +322,12 @@ def cmd_metrics(args) -> int:
 def cmd_phases(args) -> int:
     from metrics.phases import PhaseRules, label_cells, phase_grid, store_cells
 
-    from .api import Zoo
+    from .api import Root
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
     [epoch] = zoo_config.select_epochs(args.epoch, allow_all=False)
     rules = PhaseRules.from_catalog(zoo_config.metrics)
-    handle = Zoo(args.root)
+    handle = Root(args.root)
     Store(handle.root, create=True)  # a writable root, before the work
     cells = label_cells(handle, zoo_config.name, epoch, rules)
     store_cells(handle.store, cells)
@@ -331,11 +342,11 @@ def cmd_phases(args) -> int:
 def cmd_plot(args) -> int:
     from metrics.plots import plot_phase_diagram
 
-    from .api import Zoo
+    from .api import Root
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
     [epoch] = zoo_config.select_epochs(args.epoch, allow_all=False)
-    out = plot_phase_diagram(Zoo(args.root), zoo_config.name, args.metric, epoch, args.out, phases=args.phases)
+    out = plot_phase_diagram(Root(args.root), zoo_config.name, args.metric, epoch, args.out, phases=args.phases)
     print(out)
     return 0
 
@@ -343,7 +354,7 @@ def cmd_plot(args) -> int:
 def cmd_bench(args) -> int:
     from benchmarks import find_task, run_task
 
-    from .api import Zoo
+    from .api import Root
 
     task = find_task(args.task, args.include_path)
     zoo_name = args.zoo or task.config.zoo
@@ -352,7 +363,7 @@ def cmd_bench(args) -> int:
     store = Store(args.root or default_root())
     Store(store.root, create=True)  # tables added since the root was made
     progress = None if args.no_progress else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    report = run_task(Zoo(store.root), task, zoo_name, args.method, progress=progress)
+    report = run_task(Root(store.root, recover=True), task, zoo_name, args.method, progress=progress)
     print(f"{task.name} on {zoo_name}: computed {report.computed}, reused {report.reused} (already stored), "
           f"failed {len(report.failed)}", file=sys.stderr)
     for line in report.failed[:10]:
@@ -367,18 +378,18 @@ def cmd_leaderboard(args) -> int:
 def print_leaderboard(root, task: str | None, zoo_name: str | None, by: str | None, format: str) -> int:
     from benchmarks import leaderboard, render
 
-    from .api import Zoo
+    from .api import Root
 
-    print(render(leaderboard(Zoo(root), task, by, zoo_name), format))
+    print(render(leaderboard(Root(root), task, by, zoo_name), format))
     return 0
 
 
 def cmd_report(args) -> int:
     from benchmarks.report import write_report
 
-    from .api import Zoo
+    from .api import Root
 
-    print(write_report(Zoo(args.root), args.out))
+    print(write_report(Root(args.root), args.out))
     return 0
 
 

@@ -21,7 +21,7 @@ A stored config comes from whoever made the zoo, so every numeric option has bou
 set generated from its options (teacher-student) says how many values it would generate: over
 the data budget (env ZOO_MAX_DATA_VALUES, default 2.5e8, about 2 GB as float64) it is refused in
 one line before anything is allocated. Data sets read from files are as large as their files;
-the API never follows a `path` stored in a zoo (`Zoo.data`).
+the API never follows a `path` stored in a zoo (`Root.data`).
 """
 
 from __future__ import annotations

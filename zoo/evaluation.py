@@ -1,6 +1,6 @@
 """Loss and accuracy of a classifier on a data split: the one definition every stage uses.
 
-Training records its curves with this function and `Zoo.load_model` users evaluate with it, so a
+Training records its curves with this function and `Root.load_model` users evaluate with it, so a
 reloaded model reproduces its stored accuracy exactly (same batches, same reduction order).
 """
 

@@ -4,7 +4,7 @@
     item = ds[0]   # {"weights": (P,) float32, "model_id", "test_acc", "train_acc", "gap",
                    #  "load", "temperature", "seed", "epoch", "phase"}
 
-The weights are read once (`Zoo.weights`, one N x P read). With `layers=True` an item's
+The weights are read once (`Root.weights`, one N x P read). With `layers=True` an item's
 "weights" is the model's state dict instead of one flat vector. With `permute=True` every read
 applies a fresh random permutation of the hidden units (`zoo.permutations`), which changes the
 weights and leaves the function unchanged: the standard augmentation for weight-space models.
