@@ -25,6 +25,7 @@ from zoo.api import Root
 from zoo.datasets import Data
 from zoo.errors import ZooError
 from zoo.population import UNLABELLED, phase_labels
+from zoo.rows import benchmark_part_key
 from zoo.schemas import SCHEMAS
 
 from .evaluation import Holdout, holdout
@@ -155,7 +156,7 @@ def run_task(z: Root, task: Task, zoo_name: str, methods: list[str] | None = Non
 
 
 def part_key(task: Task, call: MethodCall) -> str:
-    return f"{task.name}-v{task.config.version}-{call.parameters_hash}"
+    return benchmark_part_key(task.name, task.config.version, call.parameters_hash)
 
 
 def score(task: Task, call: MethodCall, unit: UnitContext, settings: str, report: RunReport) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from pydantic import Field, ValidationError
 
 from zoo.catalog import first_error
 from zoo.errors import ZooError
+from zoo.rows import cells_part_key
 from zoo.schemas import SCHEMAS
 from zoo.settings import Settings
 
@@ -165,7 +166,7 @@ def store_cells(store, cells: pd.DataFrame) -> None:
     for column in extra:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    store.write_part("cells", zoo_name, f"cells-e{epoch}", table)
+    store.write_part("cells", zoo_name, cells_part_key(epoch), table)
     store.write_index()
 
 

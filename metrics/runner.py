@@ -30,6 +30,7 @@ import zoo
 from zoo.catalog import ZooConfig
 from zoo.errors import ZooError, one_line
 from zoo.launch import LaunchOptions, run_jobs
+from zoo.rows import metric_part_key
 from zoo.schemas import SCHEMAS
 from zoo.storage import Store
 
@@ -88,10 +89,6 @@ def versions() -> dict[str, str]:
     return {**zoo.library_versions("pyhessian", "scipy"), "device": name}
 
 
-def part_key(family: str, ids: list[str], epoch: int, digest: str) -> str:
-    return f"{family}-{'-'.join(ids)}-e{epoch}-{digest}"
-
-
 def compute_cells(root: str, items: Sequence[MetricsCell | str], families: list[str], settings: dict[str, dict],
                   threads: int = 1) -> MetricsReport:
     """Job function: compute `families` for the cells `items` (`MetricsCell`s, or their JSON as the
@@ -121,13 +118,13 @@ def _compute_family(handle, cell: MetricsCell, contexts: list[ModelContext], fam
     digest = settings_hash(family.name, settings)
     settings_json = json.dumps({"family": family.name, "settings": settings.model_dump(), "versions": record}, default=str)
     if family.level == "model":
-        todo = [c for c in contexts if not store.has_part("metrics", zoo_name, part_key(family.name, [c.model_id], epoch, digest))]
+        todo = [c for c in contexts if not store.has_part("metrics", zoo_name, metric_part_key(family.name, [c.model_id], epoch, digest))]
         report.skipped += len(contexts) - len(todo)
         if not todo:
             return
         results = _model_results(family, settings, todo, report)
         for ctx, result in zip(todo, results):
-            key = part_key(family.name, [ctx.model_id], epoch, digest)
+            key = metric_part_key(family.name, [ctx.model_id], epoch, digest)
             if isinstance(result, Exception):  # no rows: a failed status, and the next run tries again
                 _record_failure(store, zoo_name, family, [ctx], result, key, digest, report)
                 continue
@@ -136,7 +133,7 @@ def _compute_family(handle, cell: MetricsCell, contexts: list[ModelContext], fam
             report.computed += 1
         return
     for a, b in itertools.combinations(contexts, 2):
-        key = part_key(family.name, [a.model_id, b.model_id], epoch, digest)
+        key = metric_part_key(family.name, [a.model_id, b.model_id], epoch, digest)
         if store.has_part("pair_metrics", zoo_name, key):
             report.skipped += 1
             continue
@@ -148,7 +145,7 @@ def _compute_family(handle, cell: MetricsCell, contexts: list[ModelContext], fam
                  "name": name, "value": values.get(name, np.nan), "settings_hash": digest, "settings": settings_json}
                 for name in family.names(settings)]
         store.write_part("pair_metrics", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["pair_metrics"]))
-        store.remove_parts_like("pair_metrics", zoo_name, part_key(family.name, [a.model_id, b.model_id], epoch, ""), keep=key)
+        store.remove_parts_like("pair_metrics", zoo_name, metric_part_key(family.name, [a.model_id, b.model_id], epoch, ""), keep=key)
         store.remove_part("metric_failures", zoo_name, key)
         report.computed += 1
 
@@ -204,7 +201,7 @@ def _record_failure(store: Store, zoo_name: str, family: Family, contexts: list[
 
 def _write_model_result(store: Store, zoo_name: str, family: Family, ctx: ModelContext, epoch: int, result: Result,
                         digest: str, settings_json: str) -> None:
-    key = part_key(family.name, [ctx.model_id], epoch, digest)
+    key = metric_part_key(family.name, [ctx.model_id], epoch, digest)
     base = {"model_id": ctx.model_id, "zoo": zoo_name, "epoch": epoch, "family": family.name, "settings_hash": digest}
     if result.layers:
         rows = [{**base, "layer": layer, "name": name, "value": float(value)}
@@ -216,7 +213,7 @@ def _write_model_result(store: Store, zoo_name: str, family: Family, ctx: ModelC
         store.write_part("densities", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["densities"]))
     rows = [{**base, "name": name, "value": float(value), "settings": settings_json} for name, value in result.metrics.items()]
     store.write_part("metrics", zoo_name, key, pa.Table.from_pylist(rows, schema=SCHEMAS["metrics"]))  # the commit
-    prefix = part_key(family.name, [ctx.model_id], epoch, "")
+    prefix = metric_part_key(family.name, [ctx.model_id], epoch, "")
     for table in ("metrics", "layer_metrics", "densities"):
         store.remove_parts_like(table, zoo_name, prefix, keep=key)
 

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import zoo
 from zoo.cli import main
+from zoo.storage import Store
 from zoo.errors import ZooError
 
 
@@ -37,6 +38,7 @@ def attacked(smoke_root, tmp_path_factory) -> Path:
     """A copy of the smoke zoo, shared by the statement tests (each checks it is unchanged)."""
     root = tmp_path_factory.mktemp("attacked") / "root"
     shutil.copytree(smoke_root, root)
+    Store(root).write_index()  # (a copy's index points to the original: opening would repair it)
     return root
 
 
@@ -44,6 +46,7 @@ def attacked(smoke_root, tmp_path_factory) -> Path:
 def root(smoke_root, tmp_path) -> Path:
     copy = tmp_path / "root"
     shutil.copytree(smoke_root, copy)
+    Store(copy).write_index()  # (a copy's index points to the original: opening would repair it)
     return copy
 
 

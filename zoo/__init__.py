@@ -51,14 +51,20 @@ def library_versions(*packages: str) -> dict[str, str]:
     return out
 
 
-def open(root=None, timeout: float | None = None, memory_limit: str | None = None, recover: bool = False):  # noqa: A001 - reads as a sentence, like `duckdb.connect`
-    """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data). Each query stops
+def open(root=None, timeout: float | None = None, memory_limit: str | None = None, recover: bool = False,  # noqa: A001 - reads as a sentence, like `duckdb.connect`
+         storage_options: dict | None = None):
+    """Open a zoo root for reading (default: env ZOO_ROOT, else ./zoo-data), or a published zoo
+    (zoo.publish) at a URL (`http(s)://`, `s3://`, `hf://datasets/ORG/NAME`, any fsspec URL;
+    `storage_options` go to its file system, e.g. an S3 endpoint) or in a local folder: read-only,
+    fetching only the bytes a query or the models asked for need. Each query stops
     after `timeout` seconds (default env ZOO_SQL_TIMEOUT_S, else 300); `memory_limit` caps DuckDB
     (e.g. "2GB"; default env ZOO_SQL_MEMORY, else a quarter of RAM, at most 4 GB).
 
-    Opening writes nothing unless `recover=True`: then it first finishes the packs a killed packer
-    left pending (zoo.packing), whose models' rows queries would otherwise miss. Without it, such
-    packs are reported by a `ZooWarning` naming the way to finish them."""
+    Opening writes no stored row unless `recover=True`: then it first finishes the packs a killed
+    packer left pending (zoo.packing), whose models' rows queries would otherwise miss; without
+    it, such packs are reported by a `ZooWarning` naming the way to finish them. The one file it
+    may rewrite is the derived index zoo.duckdb, when the root was moved or copied (its views
+    would point to the old place) and the root is writable (`zoo index` does it by hand)."""
     from .api import Root
 
-    return Root(root, timeout=timeout, memory_limit=memory_limit, recover=recover)
+    return Root(root, timeout=timeout, memory_limit=memory_limit, recover=recover, storage_options=storage_options)

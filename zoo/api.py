@@ -25,6 +25,7 @@ from .architectures import build_model
 from .catalog import ModelSpec
 from .datasets import Data, load_dataset, with_path
 from .errors import ZooError
+from .published import PublishedStore, is_published
 from .storage import Store, safe_name
 from .weights import TensorEntry, unflatten
 
@@ -34,8 +35,11 @@ class Root:
     stored models of every zoo under it."""
 
     def __init__(self, root: str | os.PathLike | None = None, timeout: float | None = None, memory_limit: str | None = None,
-                 recover: bool = False):
-        self.store = Store(root)
+                 recover: bool = False, storage_options: dict | None = None):
+        # a zoo root on this machine, or a published zoo (a URL, or a folder with a manifest)
+        self.store = PublishedStore(str(root), storage_options) if root is not None and is_published(root) else Store(root)
+        if isinstance(self.store, Store):
+            self.store.repair_index()  # (a moved or copied root: zoo.duckdb's views point to the old place)
         self.root = self.store.root
         self._con = zsql.Connection(self.store, timeout=timeout, memory_limit=memory_limit, recover=recover)
         self._specs: dict[str, ModelSpec] = {}  # a model id is the hash of its config: safe to cache
@@ -159,11 +163,10 @@ class Root:
 
     def tensor_index(self, model_id: str) -> list[TensorEntry]:
         """Where each tensor of the model's state lies in its flat weight vector (zoo.weights)."""
-        zoo = self.spec(model_id).zoo
-        table = self.store.read_model_rows("tensors", zoo, [model_id]).sort_by("position")
-        if not len(table):
+        safe_name("model id", model_id)
+        rows = self.sql("select name, shape, \"offset\", numel, dtype, kind from tensors where model_id = ? order by position",
+                        [model_id])
+        if rows.empty:
             raise ZooError(f"no tensor index for model {model_id!r} in {self.root}")
-        return [
-            TensorEntry(r["name"], tuple(r["shape"]), r["offset"], r["numel"], r["dtype"], r["kind"])
-            for r in table.to_pylist()
-        ]
+        return [TensorEntry(r.name, tuple(int(x) for x in r.shape), int(r.offset), int(r.numel), r.dtype, r.kind)
+                for r in rows.itertuples(index=False)]

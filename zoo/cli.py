@@ -33,7 +33,8 @@ from .storage import Store, default_root, safe_name
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--catalog", metavar="FILE", help="catalog file (env ZOO_CATALOG; default: the shipped catalog.yaml)")
-    common.add_argument("--root", metavar="DIR", type=Path, help="zoo root (env ZOO_ROOT; default ./zoo-data)")
+    common.add_argument("--root", metavar="DIR|URL", help="zoo root (env ZOO_ROOT; default ./zoo-data); readers also take a "
+                        "published zoo: a folder or an http(s)://, s3://, hf:// URL (env ZOO_STORAGE_OPTIONS: its file system's options, JSON)")
     return common
 
 
@@ -97,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="wait at most S seconds for a query or writer that holds the root, then give up (default 60)")
 
-    q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root")
+    pub = sub.add_parser("publish", parents=[common], help="write a zoo (or a selection) as a folder of static files to serve or upload")
+    pub.add_argument("zoo", help="a zoo stored in the root")
+    pub.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new folder to write (must not exist, or be empty)")
+    pub.add_argument("--where", metavar="SQL", help="only the models this condition on the models view selects, e.g. \"width >= 128\"")
+    pub.add_argument("--epochs", default="final", metavar="final|all|LIST", help="the checkpoints to publish (default final)")
+    pub.add_argument("--license", default="cc-by-4.0", help="the license the dataset card declares (default cc-by-4.0)")
+
+    pu = sub.add_parser("pull", parents=[common], help="copy an SQL selection of a published zoo into the root")
+    pu.add_argument("source", help="a published zoo: a folder, or an http(s)://, s3://, hf://datasets/ORG/NAME URL")
+    pu.add_argument("--where", metavar="SQL", help="the models to pull: a condition on the published models view (default all)")
+    pu.add_argument("--epochs", default="all", metavar="final|all|LIST", help="the published checkpoints to pull (default all)")
+    pu.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("index", parents=[common], help="rewrite the root's zoo.duckdb (after the root was moved or copied)")
+
+    q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the root or a published zoo")
     q.add_argument("query", help="one read-only query (SELECT, WITH, DESCRIBE, ...)")
     q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table", help="how to print the result (default table)")
     q.add_argument("--out", type=Path, help="write to FILE instead of standard output (required for parquet)")
@@ -184,7 +200,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-READERS = {"sql", "catalog", "status", "phases", "plot", "leaderboard", "report", "tasks"}  # (write nothing to a root)
+READERS = {"publish", "sql", "catalog", "status", "phases", "plot", "leaderboard", "report", "tasks"}  # (write nothing to a root)
 
 
 def cmd_catalog(args) -> int:
@@ -262,17 +278,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from . import sql as zsql
+    from .api import Root
+    from .pull import storage_options_from_env
 
     if args.format == "parquet" and not args.out:
         raise ZooError("--format parquet needs --out FILE")
-    store = Store(args.root or default_root())
-    con = zsql.Connection(store, timeout=args.timeout, memory_limit=args.memory_limit)
-    try:
-        with store.reading():
-            frame = con.query(args.query)
-    finally:
-        con.close()
+    frame = Root(args.root or default_root(), timeout=args.timeout, memory_limit=args.memory_limit,
+                 storage_options=storage_options_from_env()).sql(args.query)
     if args.format == "parquet":
         try:
             frame.to_parquet(args.out, index=False)
@@ -404,7 +416,42 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    from .api import Root
+    from .publish import publish
+
+    z = Root(args.root or default_root())
+    config = load_catalog(args.catalog).zoos.get(args.zoo)  # (a zoo stored from another catalog has no entry here)
+    entry = config.model_dump(mode="json", exclude={"name"}) if config is not None else None
+    print(publish(z, args.zoo, args.out, entry, args.where, args.epochs, args.license).summary())
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .api import Root
+    from .pull import pull, storage_options_from_env
+
+    with warnings.catch_warnings():  # (the pull names every refused file itself)
+        warnings.simplefilter("ignore", ZooWarning)
+        source = Root(args.source, storage_options=storage_options_from_env())
+    store = Store(args.root or default_root(), create=True)
+    report = pull(source, args.where, store, args.epochs, progress=not args.no_progress)
+    for line in report.refused[:20]:
+        print(f"zoo: refused {line}", file=sys.stderr)
+    print(report.summary())
+    return 1 if report.refused else 0
+
+
+def cmd_index(args) -> int:
+    store = Store(args.root or default_root())
+    print(f"wrote {store.write_index()}")
+    return 0
+
+
 COMMANDS = {
+    "publish": cmd_publish,
+    "pull": cmd_pull,
+    "index": cmd_index,
     "bench": cmd_bench,
     "leaderboard": cmd_leaderboard,
     "report": cmd_report,

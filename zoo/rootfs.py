@@ -85,6 +85,12 @@ def entries(root: Path, folder: Path) -> list[os.DirEntry]:
     return found
 
 
+def glob_pattern(pattern: str) -> re.Pattern:
+    """A glob pattern (`*`, `?`, `[...]` within a name, `**` across folders) as a compiled
+    regular expression over '/'-separated paths."""
+    return re.compile(_translate(pattern))
+
+
 def _translate(pattern: str) -> str:
     """A glob pattern as a regular expression over '/'-separated paths."""
     out, i = [], 0
@@ -112,23 +118,23 @@ def _translate(pattern: str) -> str:
     return "".join(out)
 
 
-class PositionalFile(io.RawIOBase):
-    """A file open for reading whose position is each thread's own, read with `os.pread`.
+class ThreadPositionedFile(io.RawIOBase):
+    """A file open for reading whose position is each thread's own; a subclass reads `size` bytes
+    at an offset statelessly (`read_at`).
 
     DuckDB scans a Parquet file from several threads through one handle, each a seek and then a
-    read; on an ordinary Python file another thread's seek can fall between the two, and the
-    read returns the wrong bytes (seen as "Out of buffer" or a Thrift type error on a 1e6-row
-    scan). Here a seek moves only the calling thread's position."""
+    read; on an ordinary Python file (or fsspec's HTTP file) another thread's seek can fall
+    between the two, and the read returns the wrong bytes (seen as "Out of buffer", a Thrift type
+    error or a Snappy failure on a multi-column scan). Here a seek moves only the calling thread's
+    position, and each read is one positional read."""
 
-    def __init__(self, path: Path):
+    def __init__(self, name: str, size: int):
         super().__init__()
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        self._size = os.fstat(self._fd).st_size
+        self.name, self.size = name, size
         self._position = threading.local()
-        self.name = str(path)
 
-    def _at(self) -> int:
-        return getattr(self._position, "offset", 0)
+    def read_at(self, offset: int, size: int) -> bytes:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -137,16 +143,17 @@ class PositionalFile(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at(), io.SEEK_END: self._size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self.size}[whence]
         self._position.offset = max(0, base + offset)
         return self._position.offset
 
     def tell(self) -> int:
-        return self._at()
+        return getattr(self._position, "offset", 0)
 
     def read(self, size: int = -1) -> bytes:
-        at = self._at()
-        data = os.pread(self._fd, self._size - at if size is None or size < 0 else size, at)
+        at = self.tell()
+        end = self.size if size is None or size < 0 else min(self.size, at + size)
+        data = self.read_at(min(at, end), end - min(at, end)) if end > at else b""
         self._position.offset = at + len(data)
         return data
 
@@ -154,6 +161,17 @@ class PositionalFile(io.RawIOBase):
         data = self.read(len(memoryview(buffer)))
         memoryview(buffer).cast("B")[: len(data)] = data
         return len(data)
+
+
+class PositionalFile(ThreadPositionedFile):
+    """A regular file of the root, read with `os.pread`."""
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        super().__init__(str(path), os.fstat(self._fd).st_size)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
 
     def close(self) -> None:
         if not self.closed:
@@ -211,7 +229,7 @@ class RootFileSystem(AbstractFileSystem):
                 return [base] if self.info(base)["type"] == "file" else []
             except FileNotFoundError:
                 return []
-        matcher = re.compile(_translate("/".join(parts[literal:])))
+        matcher = glob_pattern("/".join(parts[literal:]))
         found = []
 
         def walk(folder: str, relative: str) -> None:

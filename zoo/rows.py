@@ -1,6 +1,7 @@
 """The rows one trained model, one launch and one failure add to a root, built for the store to
 write: a model's tensors, curves and checkpoints, then its `models` row (the commit), the
-`jobs` table's record of which job trains which model, and a model's `failures` row."""
+`jobs` table's record of which job trains which model, and a model's `failures` row; and the
+part names of the other layers' rows (metrics, cells, benchmark results), one home for each."""
 
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ from .weights import TensorEntry, n_parameters, sha256
 
 if TYPE_CHECKING:
     from .catalog import ModelSpec
+
+
+def metric_part_key(family: str, ids: list[str], epoch: int, digest: str) -> str:
+    """The part a metric family's rows for one model (or pair) at one epoch and settings go to."""
+    return f"{family}-{'-'.join(ids)}-e{epoch}-{digest}"
+
+
+def cells_part_key(epoch: int) -> str:
+    """The part a zoo's phase labels at one epoch go to."""
+    return f"cells-e{epoch}"
+
+
+def benchmark_part_key(task: str, version: int, parameters_hash: str) -> str:
+    """The part one benchmark method call's results (every unit) go to."""
+    return f"{task}-v{version}-{parameters_hash}"
 
 
 @dataclass

@@ -30,7 +30,7 @@ import duckdb
 import pandas as pd
 
 from .errors import ZooError, ZooWarning, one_line
-from .rootfs import PROTOCOL, RootFileSystem
+from .rootfs import PROTOCOL
 from .storage import Store
 
 TIMEOUT_S = 300.0
@@ -81,7 +81,7 @@ class Connection:
             con.execute("SET memory_limit = ?", [memory_limit or default_memory_limit()])
         except duckdb.Error as e:
             raise ZooError(f"invalid memory limit {memory_limit!r}: {one_line(e)}") from None
-        con.register_filesystem(RootFileSystem(store.root))
+        con.register_filesystem(store.filesystem())
         if recover:  # (packs a killed packer left half-finished: the only write a reader may ask for)
             store.recover()
         elif pending := store.pending_zoos():
@@ -110,8 +110,10 @@ class Connection:
             self.con.close()
 
     def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
+        try:  # (at interpreter exit the modules this needs may be gone already)
+            self.con.close()
+        except Exception:
+            pass
 
     def query(self, query: str, params: list | dict | None = None, timeout: float | None = None) -> pd.DataFrame:
         """Run a read-only query (several statements: the last one's result) within the time

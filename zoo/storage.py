@@ -2,7 +2,8 @@
 
 Layout of a root:
 
-    zoo.duckdb                              views over the tables below (any DuckDB client)
+    zoo.duckdb                              views over the tables below (any DuckDB client), and
+                                            zoo_meta.zoo_index: the root it was written for
     tables/<table>/_empty.parquet           zero rows, the table's base schema (so empty views work)
     tables/<table>/<zoo>/<model_id>.parquet one part per model and table, as jobs write them
     tables/<table>/<zoo>/pack-<hash>.parquet many models' rows in one file (`Store.pack`)
@@ -35,17 +36,24 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import ZooError, one_line
+from .errors import StorageError, ZooError, one_line
 from .integrity import compact_manifest, sweep_temporary, temporary_name, write_atomically, write_error
 from . import packing
 from .matrices import read_rows
 from .packing import MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING, model_ids_in
 from .locks import exclusive_lock, shared_lock
-from .rootfs import entries
+from .rootfs import RootFileSystem, entries
 from .schemas import SCHEMA_VERSION, SCHEMAS
 from .weights import sha256
 
 INDEX_FILE = "zoo.duckdb"
+# zoo.duckdb's record of the root it was written for, one row: a table in a schema of its own, so
+# `SHOW TABLES` and `duckdb_views()` list only the tables' views
+INDEX_SCHEMA = "zoo_meta"
+INDEX_RECORD = "zoo_index"
+# how the record is read: nothing fetched or loaded, whatever a planted file asks for
+_PROBE_CONFIG = {"enable_external_access": "false", "autoinstall_known_extensions": "false",
+                 "autoload_known_extensions": "false"}
 RESUME_DIR = "resume"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -76,7 +84,7 @@ def default_root() -> Path:
     return Path(os.environ.get("ZOO_ROOT", "zoo-data"))
 
 
-def _empty_view_sql(con: duckdb.DuckDBPyConnection, table: str) -> str:
+def empty_view_sql(con: duckdb.DuckDBPyConnection, table: str) -> str:
     """A view with the table's base schema and no rows, for a table that has no file yet."""
     empty = con.from_arrow(SCHEMAS[table].empty_table())
     columns = ", ".join(f'CAST(NULL AS {kind}) AS "{name}"' for name, kind in zip(empty.columns, empty.types))
@@ -350,6 +358,10 @@ class Store:
                     compact_manifest(folder)
         return removed
 
+    def filesystem(self) -> RootFileSystem:
+        """The root as the read-only, confined `zoo://` file system the SQL connection reads."""
+        return RootFileSystem(self.root)
+
     def view_sql(self, table: str, base: str) -> str:
         """The view of `table` over its files under `base`: the root as DuckDB reaches it (an
         absolute path for zoo.duckdb, `zoo://` for zoo.sql's confined file system)."""
@@ -363,7 +375,7 @@ class Store:
             base = re.sub(r"([*?\[\]])", r"[\1]", f"{self.root}/")
         present = self.tables()
         for table in SCHEMAS.keys() - set(present):  # (a root whose creation was killed half-way)
-            con.execute(_empty_view_sql(con, table))
+            con.execute(empty_view_sql(con, table))
         for table in present:
             try:
                 con.execute(self.view_sql(table, base))
@@ -372,17 +384,25 @@ class Store:
                                f"`zoo verify --root {self.root}` to move it to quarantine/)") from None
 
     def write_index(self) -> Path:
-        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query.
+        """(Re)write zoo.duckdb: one view per table, re-globbing the part files at every query,
+        and the record `zoo_meta.zoo_index(root, written_by)` of the root it was written for (its
+        views hold that root's absolute path: `index_points_elsewhere`, `repair_index`).
         Writes that file only (`sweep` removes what killed writers left behind).
 
         Written under a temporary name and renamed, so concurrent writers never collide on
         DuckDB's file lock and readers never see a half-written index."""
+        from . import __version__
+
         path = self.root / INDEX_FILE
         tmp = temporary_name(path)
         try:
             con = duckdb.connect(str(tmp))
             try:
                 self.create_views(con)
+                con.execute(f"CREATE SCHEMA {INDEX_SCHEMA}")
+                con.execute(f"CREATE TABLE {INDEX_SCHEMA}.{INDEX_RECORD} (root VARCHAR, written_by VARCHAR)")
+                con.execute(f"INSERT INTO {INDEX_SCHEMA}.{INDEX_RECORD} VALUES (?, ?)",
+                            [str(self.root), f"phase-zoo {__version__}"])
             finally:
                 con.close()
             os.replace(tmp, path)
@@ -393,6 +413,65 @@ class Store:
                 tmp.unlink(missing_ok=True)
                 tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
         return path
+
+    def indexed_root(self) -> str | None:
+        """The root zoo.duckdb records it was written for; None when it records none: no such
+        file, a damaged one, one written before the record existed, or one planted by hand."""
+        return self._index_record()[1]
+
+    def index_points_elsewhere(self) -> bool:
+        """Whether zoo.duckdb exists and was not written for this root: its views hold the absolute
+        path of the root it was written in, so after `cp -r` or `mv` of a root a plain DuckDB client
+        finds no files (or, worse, the original's). A damaged index, or one without the record
+        `write_index` keeps, counts as written elsewhere (`repair_index` rewrites it); a missing
+        one does not (nothing to repair: `write_index` makes one), nor does one in use (another
+        process holding it open for writing, as a DuckDB shell does, or this process holding it
+        open with another configuration: left alone). Never raises."""
+        state, root = self._index_record()
+        return state == "read" and root != str(self.root)
+
+    def _index_record(self) -> tuple[str, str | None]:
+        """("missing", None), ("in use", None), or ("read", the recorded root or None), read
+        through a read-only connection that neither fetches nor loads anything; raises nothing."""
+        path = self.root / INDEX_FILE
+        try:
+            if not path.is_file():
+                return "missing", None
+            con = duckdb.connect(str(path), read_only=True, config=_PROBE_CONFIG)
+        except (duckdb.Error, OSError, RuntimeError, ValueError) as e:
+            # open for writing elsewhere (a DuckDB shell's lock), or in this process with another
+            # configuration: in use, so left alone; anything else is damaged or not DuckDB's
+            in_use = "Conflicting lock" in str(e) or "different configuration" in str(e)
+            return ("in use" if in_use else "read"), None
+        try:
+            # a base table only: a planted file's view of that name would run a query of its choosing
+            if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+                               "AND schema_name = ? AND table_name = ?", [INDEX_SCHEMA, INDEX_RECORD]).fetchone()[0]:
+                return "read", None
+            rows = con.execute(f"SELECT root FROM {INDEX_SCHEMA}.{INDEX_RECORD} LIMIT 2").fetchall()
+            return "read", (rows[0][0] if len(rows) == 1 and isinstance(rows[0][0], str) else None)
+        except (duckdb.Error, OSError, RuntimeError, ValueError, TypeError):
+            return "read", None
+        finally:
+            with contextlib.suppress(duckdb.Error):
+                con.close()
+
+    def repair_index(self) -> bool:
+        """Rewrite zoo.duckdb (`write_index`, atomically) when it points elsewhere
+        (`index_points_elsewhere`: a copied or moved root, a damaged index) and the root is
+        writable; returns whether it did. A read-only root is left as it is, and False returned
+        (`write_index`, from a writable copy or once the root is writable, repairs it). Meant for
+        every open of a root: an index written for this root costs one read-only look. A damaged
+        part file still raises `create_views`' one-line ZooError, as any query of the root would."""
+        if not self.index_points_elsewhere():
+            return False
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            return False
+        try:
+            self.write_index()
+        except (OSError, StorageError):
+            return False
+        return True
 
 
 def _zoo_folders(base: Path, zoo: str | None) -> list[Path]:
