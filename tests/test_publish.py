@@ -63,7 +63,7 @@ def test_publishing_is_deterministic_self_described_and_leaves_the_root_alone(so
     assert card.startswith("---\n") and "config_name: models" in card and "| `test_acc` |" in card
     # metadata and weights apart: no Parquet file holds a weight
     assert all(not p.startswith("data/") or p.endswith(".parquet") for p in listed)
-    assert duckdb.execute(f"select count(*) from read_parquet('{published}/data/checkpoints.parquet') "
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{published}/data/checkpoints.parquet') "
                       "where file like 'weights/%'").fetchone()[0] == 24
 
 
@@ -137,11 +137,11 @@ def test_a_pull_killed_midway_resumes_where_it_stopped(published, tmp_path):
     root = tmp_path / "r"
     killer = (
         "import os, signal, sys, zoo.pull as p\n"
-        "real, done = p._pull_model, []\n"
+        "real, done = p._store_model, []\n"
         "def dying(*a, **k):\n"
         "    real(*a, **k); done.append(1)\n"
         "    if len(done) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "p._pull_model = dying\n"
+        "p._store_model = dying\n"
         "from zoo.cli import main\n"
         f"sys.exit(main(['pull', {str(published)!r}, '--root', {str(root)!r}, '--no-progress']))\n"
     )
@@ -169,7 +169,7 @@ def test_a_tampered_file_is_refused_in_one_line_and_the_rest_is_pulled(published
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data))
     elif damage == "flip a byte of a weight row":
-        row = duckdb.execute(f"select file, byte_offset, model_id from read_parquet('{copy}/data/checkpoints.parquet') "
+        row = duckdb.connect().execute(f"select file, byte_offset, model_id from read_parquet('{copy}/data/checkpoints.parquet') "
                          "order by model_id, epoch limit 1").fetchone()
         path = copy / row[0]
         data = bytearray(path.read_bytes())
@@ -199,12 +199,12 @@ def test_a_tampered_file_is_refused_in_one_line_and_the_rest_is_pulled(published
 
 
 def test_hugging_face_datasets_and_plain_duckdb_read_the_published_folder(published):
-    datasets = pytest.importorskip("datasets")  # (a test dependency: pyproject's [test] extra)
+    import datasets  # (a test dependency: pyproject's [test] extra)
     local = zoo.open(published)
     for table in ("models", "curves", "metrics"):
         loaded = datasets.load_dataset(str(published), table, split="train")
         assert loaded.num_rows == local.sql(f"select count(*) n from {table}")["n"][0] > 0
-    count = duckdb.execute(f"select count(*) from '{published}/data/models.parquet' where width = 32").fetchone()[0]
+    count = duckdb.connect().execute(f"select count(*) from '{published}/data/models.parquet' where width = 32").fetchone()[0]
     assert count == 4
 
 

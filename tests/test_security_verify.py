@@ -31,6 +31,7 @@ from .conftest import REPO
 def copy(smoke_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(smoke_root, root)
+    Store(root).write_index()  # (a copy's index points to the original: opening would repair it)
     return root
 
 

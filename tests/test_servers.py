@@ -195,7 +195,7 @@ def test_duckdb_queries_parquet_over_http_through_fsspec(web, folder):
     file_bytes = (folder / PARQUET).stat().st_size
     # (an exact, order-free digest of every value: float sums differ in the last digit by thread order)
     everything = "select count(*), sum(id), min(s), max(s), bit_xor(hash(id, x, y, s)) from read_parquet('{}')"
-    expected = duckdb.sql(everything.format(folder / PARQUET)).fetchall()
+    expected = duckdb.connect().sql(everything.format(folder / PARQUET)).fetchall()
 
     def query(sql: str):
         con = duckdb.connect()  # a fresh connection each time: nothing from DuckDB's file cache

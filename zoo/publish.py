@@ -40,7 +40,8 @@ from .storage import Store
 
 SHARD_BYTES = 256 << 20
 ROW_GROUP_BYTES = 1 << 20
-# the columns of the published checkpoint index (the weights themselves are in the shards)
+# the columns of the published checkpoint index (the weights themselves are in the shards), then
+# the model's grid position (load, temperature, seed), by which the index is sorted
 INDEX_COLUMNS = ("model_id", "epoch", "n_params", "n_values", "sha256", "file", "byte_offset", "byte_length")
 
 COLUMN_DOCS = {
@@ -125,7 +126,7 @@ def publish(z, zoo: str, out: str | os.PathLike, catalog_entry: dict | None = No
     shutil.rmtree(partial, ignore_errors=True)
     try:
         (partial / "data").mkdir(parents=True)
-        index = _write_shards(store, zoo, order, checkpoints, partial)
+        index = _write_shards(store, zoo, tables["models"], checkpoints, partial)
         tables["checkpoints"] = index
         for table, rows in _selected(tables, every, ids).items():
             if rows is not None and len(rows):
@@ -182,10 +183,13 @@ def _epochs(checkpoints: pa.Table, epochs: str) -> pa.Table:
     return checkpoints.filter(pa.array(keep))
 
 
-def _write_shards(store: Store, zoo: str, order: list[str], checkpoints: pa.Table, out: Path) -> pa.Table:
-    """The weights of the selected checkpoints as N x P shards; returns the checkpoint index."""
+def _write_shards(store: Store, zoo: str, models: pa.Table, checkpoints: pa.Table, out: Path) -> pa.Table:
+    """The weights of the selected checkpoints as N x P shards, rows in the order of `models`;
+    returns the checkpoint index (with each model's grid position, for pruning by it)."""
     from safetensors.numpy import save_file
 
+    order = models.column("model_id").to_pylist()
+    grid = {r["model_id"]: {g: r[g] for g in GRID_ORDER} for r in models.select(["model_id", *GRID_ORDER]).to_pylist()}
     rank = {m: i for i, m in enumerate(order)}
     rows = sorted(checkpoints.to_pylist(), key=lambda r: (r["epoch"], r["n_values"], rank[r["model_id"]]))
     groups: dict[tuple[int, int], list[dict]] = {}
@@ -208,8 +212,9 @@ def _write_shards(store: Store, zoo: str, order: list[str], checkpoints: pa.Tabl
                 index.append({**row, "file": relative, "byte_offset": data_start + 4 * n_values * i,
                               "byte_length": 4 * n_values})
     schema = pa.schema([SCHEMAS["checkpoints"].field(c) for c in INDEX_COLUMNS[:5]]
-                       + [("file", pa.string()), ("byte_offset", pa.int64()), ("byte_length", pa.int64())])
-    return pa.Table.from_pylist(index, schema=schema).sort_by([("model_id", "ascending"), ("epoch", "ascending")])
+                       + [("file", pa.string()), ("byte_offset", pa.int64()), ("byte_length", pa.int64())]
+                       + [SCHEMAS["models"].field(c) for c in GRID_ORDER])
+    return pa.Table.from_pylist([{**r, **grid[r["model_id"]]} for r in index], schema=schema)
 
 
 def _selected(tables: dict[str, pa.Table | None], every: pa.Table, ids: set[str]) -> dict[str, pa.Table | None]:
@@ -237,11 +242,17 @@ def _selected(tables: dict[str, pa.Table | None], every: pa.Table, ids: set[str]
     return {t: _sorted(rows) for t, rows in out.items()}
 
 
+GRID_ORDER = ("load", "temperature", "seed")
+
+
 def _sorted(table: pa.Table | None) -> pa.Table | None:
-    """Rows in a fixed order (every sortable column, left to right), schema metadata dropped."""
+    """Rows in a fixed order, schema metadata dropped: by grid position first where the table has
+    it (so a query for a part of the grid reads only the row groups that hold it), then by every
+    other sortable column, left to right."""
     if table is None:
         return None
-    keys = [(f.name, "ascending") for f in table.schema if not pa.types.is_nested(f.type)]
+    names = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
+    keys = [(n, "ascending") for n in [*[g for g in GRID_ORDER if g in names], *[n for n in names if n not in GRID_ORDER]]]
     return table.sort_by(keys).replace_schema_metadata(None) if keys else table
 
 

@@ -123,8 +123,8 @@ class Source:
         self.url = str(url)
         try:
             self.fs, base = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        except (ImportError, ValueError, OSError) as e:
-            raise ZooError(f"cannot open {self.url}: {one_line(e)}") from None
+        except Exception as e:  # (an unknown protocol, a missing library, bad options)
+            raise ZooError(f"cannot open {self.url}: {type(e).__name__}: {one_line(e)}") from None
         self.base = base.rstrip("/")
         self.manifest = Manifest.parse(self.fetch_small(MANIFEST), f"{self.url}/{MANIFEST}")
         self._sizes_checked: set[str] = set()
@@ -140,8 +140,8 @@ class Source:
                 data = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             raise ZooError(f"no published zoo at {self.url} ({path} is missing)") from None
-        except OSError as e:
-            raise ZooError(f"cannot read {self.url}/{path}: {one_line(e)}") from None
+        except Exception as e:  # (each file system has its own errors: network, credentials, ...)
+            raise ZooError(f"cannot read {self.url}/{path}: {type(e).__name__}: {one_line(e)}") from None
         if len(data) > MAX_MANIFEST_BYTES:
             raise ZooError(f"{self.url}/{path}: larger than {MAX_MANIFEST_BYTES} bytes")
         return data
@@ -160,8 +160,8 @@ class Source:
                 size = self.fs.size(self.full(path))
             except FileNotFoundError:
                 raise ZooError(f"{self.url}/{path}: missing (the manifest lists it)") from None
-            except OSError as e:
-                raise ZooError(f"{self.url}/{path}: {one_line(e)}") from None
+            except Exception as e:
+                raise ZooError(f"{self.url}/{path}: {type(e).__name__}: {one_line(e)}") from None
             if size != entry.size:
                 raise ZooError(f"refused {self.url}/{path}: {size} bytes, but the manifest says {entry.size}")
             with self._lock:
@@ -176,8 +176,8 @@ class Source:
             return b""
         try:
             data = self.fs.cat_file(self.full(path), start=start, end=end)
-        except OSError as e:
-            raise ZooError(f"{self.url}/{path}: {one_line(e)}") from None
+        except Exception as e:
+            raise ZooError(f"{self.url}/{path}: {type(e).__name__}: {one_line(e)}") from None
         if len(data) != end - start:
             raise ZooError(f"{self.url}/{path}: {len(data)} bytes came for a range of {end - start}")
         return data
@@ -286,13 +286,17 @@ class PublishedStore:
     def checkpoint_index(self, model_ids: list[str], epoch: int | None = None) -> pa.Table:
         """The checkpoint index rows (model_id, epoch, sha256, file, byte_offset, byte_length, ...)
         of `model_ids` (at `epoch`, or every published epoch), reading only the row groups that
-        can hold them (the index is sorted by model id)."""
-        wanted = pc.field("model_id").isin(sorted(set(model_ids)))
+        can hold them (the index is sorted by grid position: first the models' loads are looked up)."""
+        ids = sorted(set(model_ids))
+        wanted = pc.field("model_id").isin(ids)
         if epoch is not None:
             wanted = wanted & (pc.field("epoch") == int(epoch))
+        fs = self.filesystem()
         try:
-            with self.filesystem().open(table_path("checkpoints"), "rb") as f:
-                return pq.read_table(f, filters=wanted)
+            with fs.open(table_path("models"), "rb") as f:  # their grid positions: the index is sorted by them
+                loads = pq.read_table(f, columns=["model_id", "load"], filters=pc.field("model_id").isin(ids)).column("load")
+            with fs.open(table_path("checkpoints"), "rb") as f:
+                return pq.read_table(f, filters=wanted & pc.field("load").isin(pc.unique(loads)))
         except (OSError, pa.ArrowException) as e:
             raise ZooError(f"{self.root}/{table_path('checkpoints')}: {one_line(e)}") from None
 

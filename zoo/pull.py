@@ -71,15 +71,19 @@ def pull(z, where: str | None, store: Store, epochs: str = "all", progress: bool
         by_model.setdefault(row["model_id"], []).append(row)
     bar = _bar(progress, len(wanted), source.url)
     try:
-        for model_id in wanted:
-            try:
-                _pull_model(store, source, tables, model_id, by_model.get(model_id, []), report)
-                report.pulled += 1
-            except ZooError as e:
-                report.refused.append(f"model {model_id}: {e}")
-            if bar is not None:
-                bar.set_postfix_str(f"{report.bytes / 1e6:.1f} MB")
-                bar.update(1)
+        for chunk in _chunks(wanted, by_model):
+            weights = _fetch_weights(source, chunk, by_model, report)
+            for model_id in chunk:
+                try:
+                    if isinstance(weights.get(model_id), ZooError):
+                        raise weights[model_id]
+                    _store_model(store, tables, model_id, weights.get(model_id, {}))
+                    report.pulled += 1
+                except ZooError as e:
+                    report.refused.append(f"model {model_id}: {e}")
+                if bar is not None:
+                    bar.set_postfix_str(f"{report.bytes / 1e6:.1f} MB")
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -125,17 +129,49 @@ def _rows_of(table: pa.Table | None, column: str, ids: set[str]) -> pa.Table | N
     return table.filter(pc.is_in(table.column(column), value_set=pa.array(sorted(ids), pa.string())))
 
 
-def _pull_model(store: Store, source, tables: dict[str, pa.Table], model_id: str, index_rows: list[dict],
-                report: PullReport) -> None:
-    """One model: its weights (checked), then its parts, the `models` row last (the commit)."""
-    if not index_rows:
+CHUNK_BYTES = 64 << 20  # weights fetched at once: adjacent rows of the models of a chunk are one range
+
+
+def _chunks(ids: list[str], by_model: dict[str, list[dict]]) -> list[list[str]]:
+    chunks, chunk, size = [], [], 0
+    for model_id in ids:
+        chunk.append(model_id)
+        size += sum(r["byte_length"] for r in by_model.get(model_id, []))
+        if size >= CHUNK_BYTES:
+            chunks.append(chunk)
+            chunk, size = [], 0
+    return chunks + ([chunk] if chunk else [])
+
+
+def _fetch_weights(source, chunk: list[str], by_model: dict[str, list[dict]], report: PullReport) -> dict:
+    """model id -> {epoch: (index row, vector)} for the models of `chunk`, each run of adjacent
+    rows one byte range; if a run is refused, its models are read one by one, so that only the
+    damaged one is refused (its entry is then the ZooError)."""
+    out: dict[str, dict | ZooError] = {}
+    try:
+        for run in read_rows(source, [r for m in chunk for r in by_model.get(m, [])]):
+            for row, vector in run:
+                out.setdefault(row["model_id"], {})[row["epoch"]] = (row, vector)
+                report.bytes += vector.nbytes
+        return out
+    except ZooError:
+        out = {}
+    for model_id in chunk:
+        try:
+            for run in read_rows(source, by_model.get(model_id, [])):
+                for row, vector in run:
+                    out.setdefault(model_id, {})[row["epoch"]] = (row, vector)
+                    report.bytes += vector.nbytes
+        except ZooError as e:
+            out[model_id] = e
+    return out
+
+
+def _store_model(store: Store, tables: dict[str, pa.Table], model_id: str, weights: dict) -> None:
+    """One model's parts, the `models` row last (the commit)."""
+    if not weights:
         raise ZooError("no published checkpoint at the epochs asked for")
     zoo = _zoo_of(tables["models"], model_id)
-    weights = {}
-    for run in read_rows(source, index_rows):
-        for row, vector in run:
-            weights[row["epoch"]] = (row, vector)
-            report.bytes += vector.nbytes
     checkpoints = pa.Table.from_pylist(
         [{"model_id": model_id, "epoch": e, "n_params": row["n_params"], "n_values": row["n_values"], "sha256": row["sha256"],
           "weights": vector} for e, (row, vector) in sorted(weights.items())],
