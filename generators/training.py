@@ -100,26 +100,29 @@ def epoch_batches(n_train: int, t: Training, generator: torch.Generator) -> Iter
 
 def augment(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and random crop (zero padding) of an image batch (B, C, H, W),
-    vectorised over the batch."""
+    vectorised over the batch. The few random numbers are drawn from the model's own CPU stream
+    (the same bits on any device); the images stay where they are (on the GPU when training there)."""
     b, _, h, w = x.shape
-    flip = torch.rand(b, generator=generator) < 0.5
+    device = x.device
+    flip = (torch.rand(b, generator=generator) < 0.5).to(device, non_blocking=True)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if padding == 0:
         return x
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (B, 1, 1, W)
-    batch = torch.arange(b)[:, None, None, None]
-    channels = torch.arange(x.shape[1])[None, :, None, None]
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(device, non_blocking=True)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(device, non_blocking=True)
+    rows = (dy[:, None] + torch.arange(h, device=device)[None, :])[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=device)[None, :])[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=device)[None, :, None, None]
     return padded[batch, channels, rows, cols]
 
 
 def rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
     """Rotate each image of a batch (B, C, H, W) by its own angle, uniform in +-degrees, about
     its centre (bilinear, zeros outside), vectorised over the batch."""
-    return rotate_by(x, (torch.rand(len(x), generator=generator) * 2 - 1) * (degrees * torch.pi / 180))
+    angles = (torch.rand(len(x), generator=generator) * 2 - 1) * (degrees * torch.pi / 180)
+    return rotate_by(x, angles.to(x.device, non_blocking=True))
 
 
 def rotate_by(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -131,8 +134,10 @@ def rotate_by(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               micro_batch_size: int | None = None, precision: str = "float32") -> float:
-    """One SGD step on one batch; reads and writes nothing but the model and its optimizer.
+               micro_batch_size: int | None = None, precision: str = "float32") -> torch.Tensor:
+    """One SGD step on one batch; reads and writes nothing but the model and its optimizer, and
+    returns the batch's loss as a tensor on the device (reading it would wait for the device:
+    the loop never does).
 
     With `micro_batch_size`, the batch runs in chunks whose summed losses (each divided by the
     whole batch's size) accumulate the batch's gradient before the one step: the same step
@@ -146,7 +151,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
     total = torch.zeros((), device=x.device)
     for start in range(0, len(x), micro_batch_size):
         with autocast:
@@ -155,7 +160,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
         loss.backward()
         total += loss.detach()
     optimizer.step()
-    return total.item()
+    return total
 
 
 def train(spec: ModelSpec, data: Data, resume: Path | None = None) -> TrainedModel:
@@ -197,18 +202,20 @@ def train(spec: ModelSpec, data: Data, resume: Path | None = None) -> TrainedMod
         augmentation.set_state(state.generators["augment"])
         curves, checkpoints = state.curves, state.checkpoints
         spent_before, first_epoch = state.seconds, state.epoch + 1
+    # the training data lives on the device for the whole run; a step reads nothing back to the host
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     for epoch in range(first_epoch, t.epochs + 1):
         model.train()
         for idx in order.next_epoch():
-            x = data.x_train[idx]
-            if t.augmentation != "none":  # drawn on the CPU from the model's own stream, on any device
+            idx = idx.to(device, non_blocking=True)
+            x = x_train[idx]
+            if t.augmentation != "none":  # its random numbers from the model's own CPU stream, applied on the device
                 x = augment(x, t.crop_padding, augmentation)
                 if t.augmentation == "flip-crop-rotate":
                     x = rotate(x, t.rotation_degrees, augmentation)
-            x = x.to(device, non_blocking=True)
             if t.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            train_step(model, optimizer, x, data.y_train[idx].to(device, non_blocking=True), t.micro_batch_size, t.precision)
+            train_step(model, optimizer, x, y_train[idx], t.micro_batch_size, t.precision)
             schedule.step()
         record(epoch)
         if saver.due(epoch):

@@ -218,3 +218,42 @@ def test_reference_path_is_kept_when_asked(tmp_path):
             assert stored[spec.model_id] == sha256(train(spec, data).checkpoints[3])
     finally:
         torch.set_num_threads(threads)
+
+
+HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+def _host_reads_of_training(monkeypatch, batch_size: int, epochs: int, augmentation: str = "none") -> int:
+    """How many times training reads a tensor's value back into Python (each such read waits for
+    a GPU): every Tensor method that does, counted while `train` runs."""
+    counted = [0]
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            counted[0] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    body = dict(ZOO, temperature={"name": "batch_size", "values": [batch_size]}, seeds=[0],
+                training=dict(ZOO["training"], epochs=epochs), checkpoints=[0, epochs])
+    if augmentation != "none":
+        body = dict(body, architecture={"name": "cnn", "depth": 1, "width": 2},
+                    training=dict(body["training"], augmentation=augmentation, crop_padding=1))
+    spec = parse_zoo("t", body).models()[0]
+    data = load_dataset(spec.dataset)
+    counted[0] = 0
+    train(spec, data)
+    monkeypatch.undo()
+    return counted[0]
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
+    """GPU readiness, checked on the CPU: the number of host reads of a run depends on its epochs
+    (one evaluation each) and not on its steps: 10 steps an epoch read as much as 1."""
+    for augmentation in ("none", "flip-crop"):
+        many = _host_reads_of_training(monkeypatch, 30, 2, augmentation)  # 10 steps an epoch
+        few = _host_reads_of_training(monkeypatch, 300, 2, augmentation)  # 1 step an epoch
+        longer = _host_reads_of_training(monkeypatch, 30, 4, augmentation)
+        assert many == few, augmentation
+        assert 0 < longer - many <= 2 * 4, augmentation  # two more epochs: their evaluations only

@@ -17,13 +17,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     was_training = model.training
     model.eval()
     try:
-        total_loss, correct = 0.0, 0
         device = next(model.parameters()).device  # (batches move to the model: a GPU-trained one too)
+        # summed on the device (the loss in float64, as a Python float would) and read back once
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         for start in range(0, len(x), batch_size):
             logits = model(x[start : start + batch_size].to(device))
             target = y[start : start + batch_size].to(device)
-            total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(1) == target).sum())
-        return total_loss / len(x), correct / len(x)
+            total_loss += F.cross_entropy(logits, target, reduction="sum").double()
+            correct += (logits.argmax(1) == target).sum()
+        loss, right = torch.stack([total_loss, correct.double()]).tolist()
+        return loss / len(x), int(right) / len(x)
     finally:
         model.train(was_training)
