@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,12 +30,7 @@ import zoo  # noqa: E402
 from tests.servers import nginx_serving  # noqa: E402
 from zoo.published import FORMAT  # noqa: E402
 
-ROW_GROUP_BYTES = 1 << 20  # as zoo.publish writes
-
-
-def write(table: pa.Table, path: Path) -> None:
-    row_bytes = max(1, table.nbytes // max(1, len(table)))
-    pq.write_table(table, path, compression="zstd", row_group_size=max(1, ROW_GROUP_BYTES // row_bytes), write_statistics=True)
+from zoo.publish import write_table as write  # noqa: E402  (the writer zoo publish uses)
 
 
 def generate(folder: Path, n: int) -> None:

@@ -130,7 +130,7 @@ def publish(z, zoo: str, out: str | os.PathLike, catalog_entry: dict | None = No
         tables["checkpoints"] = index
         for table, rows in _selected(tables, every, ids).items():
             if rows is not None and len(rows):
-                _write_table(rows, partial / table_path(table))
+                write_table(rows, partial / table_path(table))
         files = sorted(p.relative_to(partial).as_posix() for p in partial.rglob("*") if p.is_file())
         card = _card(zoo, catalog_entry, [t for t in PUBLISHED_TABLES if table_path(t) in files], partial, license,
                      len(order), len(index), where, epochs)
@@ -256,7 +256,8 @@ def _sorted(table: pa.Table | None) -> pa.Table | None:
     return table.sort_by(keys).replace_schema_metadata(None) if keys else table
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
+def write_table(table: pa.Table, path: Path) -> None:
+    """A published table: zstd, statistics and page checksums, row groups of about ROW_GROUP_BYTES."""
     row_bytes = max(1, table.nbytes // max(1, len(table)))
     pq.write_table(table, path, compression="zstd", row_group_size=max(1, ROW_GROUP_BYTES // row_bytes),
                    write_statistics=True, write_page_checksum=True)

@@ -398,7 +398,8 @@ class Store:
         try:
             con = duckdb.connect(str(tmp))
             try:
-                self.create_views(con)
+                with self.reading():  # (a view reads every file's schema: no packer may remove one meanwhile)
+                    self.create_views(con)
                 con.execute(f"CREATE SCHEMA {INDEX_SCHEMA}")
                 con.execute(f"CREATE TABLE {INDEX_SCHEMA}.{INDEX_RECORD} (root VARCHAR, written_by VARCHAR)")
                 con.execute(f"INSERT INTO {INDEX_SCHEMA}.{INDEX_RECORD} VALUES (?, ?)",
