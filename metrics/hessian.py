@@ -484,11 +484,12 @@ def exact_trace(model: nn.Module, batches: Batches, chunk_elements: int = 2**24)
                 logits = model(x.to(device))
                 p = torch.softmax(logits.detach().double(), dim=-1)
                 probes = [seen[m][1] for m in layers]
+                inputs = [_layer_input(m, seen[m][0]) for m in layers]  # (once per batch, not per class)
                 for c in range(p.shape[1]):
                     s = p[:, c:c + 1].sqrt() * (F.one_hot(torch.tensor(c, device=device), p.shape[1]) - p)
                     grads = torch.autograd.grad(logits, probes, grad_outputs=s.to(logits.dtype), retain_graph=True)
-                    for m, d in zip(layers, grads):
-                        total += _per_sample_squared_norms(m, seen[m][0], d, chunk_elements)
+                    for m, a, d in zip(layers, inputs, grads):
+                        total += _per_sample_squared_norms(m, a, d, chunk_elements)
     finally:
         for h in hooks:
             h.remove()
@@ -496,9 +497,21 @@ def exact_trace(model: nn.Module, batches: Batches, chunk_elements: int = 2**24)
     return ExactTrace(trace=float(total) / n_samples, n_samples=n_samples)
 
 
+def _layer_input(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """A layer's input in the form its per-sample gradient needs: for BatchNorm the normalised
+    input; for Conv2d the unfolded one (im2col, N x L x Cin k k); for Linear N x positions x in."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        return (a - m.running_mean.view(shape)) / (m.running_var.view(shape) + m.eps).sqrt()
+    if isinstance(m, nn.Conv2d):
+        return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
+    return a.reshape(len(a), -1, a.shape[-1])  # (Linear over (N, ..., features): positions of a sample add up)
+
+
 def _per_sample_squared_norms(m: nn.Module, a: torch.Tensor, d: torch.Tensor, chunk_elements: int) -> torch.Tensor:
     """Sum over samples of the squared norm of the per-sample gradient of ``m``'s trainable
-    parameters, given its input ``a`` and the gradient ``d`` of its output (float64 sum)."""
+    parameters, given its input ``a`` (as `_layer_input` gives it) and the gradient ``d`` of its
+    output (float64 sum)."""
     weight, bias = m.weight, m.bias
     total = torch.zeros((), dtype=torch.float64, device=d.device)
     if bias is not None and bias.requires_grad:
@@ -508,17 +521,10 @@ def _per_sample_squared_norms(m: nn.Module, a: torch.Tensor, d: torch.Tensor, ch
     if weight is None or not weight.requires_grad:
         return total
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        normalised = (a - m.running_mean.view(shape)) / (m.running_var.view(shape) + m.eps).sqrt()
-        per_sample = (d * normalised).reshape(len(d), d.shape[1], -1).sum(2)
+        per_sample = (d * a).reshape(len(d), d.shape[1], -1).sum(2)
         return total + per_sample.double().square().sum()
-    if isinstance(m, nn.Conv2d):
-        # im2col: the per-sample weight gradient is d (Cout x L) times unfold(a)^T (L x Cin k k)
-        a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
-        d = d.reshape(len(d), d.shape[1], -1).transpose(1, 2)
-    else:  # Linear over (N, ..., features): positions of a sample add up
-        a = a.reshape(len(a), -1, a.shape[-1])
-        d = d.reshape(len(d), -1, d.shape[-1])
+    # the per-sample weight gradient is d^T a: (out x positions) times (positions x in)
+    d = d.reshape(len(d), d.shape[1], -1).transpose(1, 2) if isinstance(m, nn.Conv2d) else d.reshape(len(d), -1, d.shape[-1])
     if a.shape[1] == 1:  # one position: ||d a^T||^2 = ||d||^2 ||a||^2
         return total + (d.double().square().sum((1, 2)) * a.double().square().sum((1, 2))).sum()
     chunk = max(1, chunk_elements // (d.shape[2] * a.shape[2]))

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
 from .errors import ZooError
 from .integrity import write_error
-from .published import FORMAT, MANIFEST, PUBLISHED_TABLES, table_path
+from .published import FORMAT, MANIFEST, PUBLISHED_TABLES, at_epochs, rows_of, shared_rows, table_path
 from .schemas import SCHEMAS
 from .storage import Store
 
@@ -117,11 +116,11 @@ def publish(z, zoo: str, out: str | os.PathLike, catalog_entry: dict | None = No
         raise ZooError(f"no models of zoo {zoo!r} in {store.root}" + (f" where {where}" if where else ""))
     tables = {t: store.read_zoo(t, zoo) for t in PUBLISHED_TABLES if t != "checkpoints"}
     every = tables["models"]
-    tables["models"] = _rows(every, "model_id", ids).sort_by([("load", "ascending"), ("temperature", "ascending"),
+    tables["models"] = rows_of(every, "model_id", ids).sort_by([("load", "ascending"), ("temperature", "ascending"),
                                                              ("seed", "ascending"), ("model_id", "ascending")])
     order = tables["models"].column("model_id").to_pylist()
     checkpoints = store.read_model_rows("checkpoints", zoo, order, ["model_id", "epoch", "n_params", "n_values", "sha256"])
-    checkpoints = _epochs(checkpoints, epochs)
+    checkpoints = at_epochs(checkpoints, epochs, strict=True)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -152,35 +151,6 @@ def publish(z, zoo: str, out: str | os.PathLike, catalog_entry: dict | None = No
         raise
     total = sum(e["size"] for e in entries) + (out / MANIFEST).stat().st_size
     return PublishReport(out, zoo, len(order), len(index), len(entries) + 1, total)
-
-
-def _rows(table: pa.Table | None, column: str, ids: set[str]) -> pa.Table | None:
-    if table is None:
-        return None
-    return table.filter(pc.is_in(table.column(column), value_set=pa.array(sorted(ids), pa.string())))
-
-
-def _epochs(checkpoints: pa.Table, epochs: str) -> pa.Table:
-    """The checkpoint rows at the published epochs: each model's last, all, or a list."""
-    if epochs == "all":
-        return checkpoints
-    if epochs == "final":
-        last = checkpoints.group_by("model_id").aggregate([("epoch", "max")])
-        wanted = {(m, e) for m, e in zip(last.column("model_id").to_pylist(), last.column("epoch_max").to_pylist())}
-    else:
-        try:
-            listed = {int(e) for e in epochs.split(",") if e.strip()}
-        except ValueError:
-            raise ZooError(f"--epochs {epochs!r}: give final, all, or a list such as 0,5,20") from None
-        if not listed:
-            raise ZooError(f"--epochs {epochs!r}: no epoch listed")
-        have = set(checkpoints.column("epoch").to_pylist())
-        if missing := sorted(listed - have):
-            raise ZooError(f"--epochs: no stored checkpoint at epoch {missing[0]}")
-        wanted = {(m, e) for m, e in zip(checkpoints.column("model_id").to_pylist(), checkpoints.column("epoch").to_pylist())
-                  if e in listed}
-    keep = [(m, e) in wanted for m, e in zip(checkpoints.column("model_id").to_pylist(), checkpoints.column("epoch").to_pylist())]
-    return checkpoints.filter(pa.array(keep))
 
 
 def _write_shards(store: Store, zoo: str, models: pa.Table, checkpoints: pa.Table, out: Path) -> pa.Table:
@@ -218,27 +188,11 @@ def _write_shards(store: Store, zoo: str, models: pa.Table, checkpoints: pa.Tabl
 
 
 def _selected(tables: dict[str, pa.Table | None], every: pa.Table, ids: set[str]) -> dict[str, pa.Table | None]:
-    """Each table's rows that refer only to the selected models, sorted: a cell's or population's
-    rows only when all of its models are selected."""
-    cells = {}
-    for m, load, temperature in zip(*(every.column(c).to_pylist() for c in ("model_id", "load", "temperature"))):
-        cells.setdefault((load, temperature), set()).add(m)
-    whole_cells = {c for c, members in cells.items() if members <= ids}
-    everything = set(every.column("model_id").to_pylist()) <= ids
+    """Each table's rows that refer only to the selected models, sorted."""
     out = {"models": tables["models"], "checkpoints": tables["checkpoints"]}
     for table in ("curves", "tensors", "metrics", "layer_metrics", "densities"):
-        out[table] = _rows(tables[table], "model_id", ids)
-    pairs = tables["pair_metrics"]
-    if pairs is not None:
-        out["pair_metrics"] = _rows(_rows(pairs, "model_a", ids), "model_b", ids)
-    if (table := tables["cells"]) is not None:
-        keep = [(l, t) in whole_cells for l, t in zip(table.column("load").to_pylist(), table.column("temperature").to_pylist())]
-        out["cells"] = table.filter(pa.array(keep, pa.bool_()))
-    if (table := tables["benchmark_results"]) is not None:
-        all_ids = set(every.column("model_id").to_pylist())
-        keep = [u in ids if u in all_ids else (everything if u == "population" else (l, t) in whole_cells)
-                for u, l, t in zip(*(table.column(c).to_pylist() for c in ("unit", "load", "temperature")))]
-        out["benchmark_results"] = table.filter(pa.array(keep, pa.bool_()))
+        out[table] = rows_of(tables[table], "model_id", ids)
+    out.update(shared_rows(tables, every, ids))
     return {t: _sorted(rows) for t, rows in out.items()}
 
 

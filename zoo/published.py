@@ -320,7 +320,7 @@ class PublishedStore:
         return out, [m for m in model_ids if m not in rows]
 
 
-def read_rows(source: Source, rows: list[dict], gap: int = 0):
+def read_rows(source: Source, rows: list[dict]):
     """Yield, per run of adjacent rows of one shard, [(index row, float32 vector)], reading each
     run as one byte range and checking each row's sha256 (one line naming the shard if not)."""
     by_file: dict[str, list[dict]] = {}
@@ -330,7 +330,7 @@ def read_rows(source: Source, rows: list[dict], gap: int = 0):
         members.sort(key=lambda r: r["byte_offset"])
         run: list[dict] = []
         for row in members + [None]:
-            if run and (row is None or row["byte_offset"] > run[-1]["byte_offset"] + run[-1]["byte_length"] + gap):
+            if run and (row is None or row["byte_offset"] > run[-1]["byte_offset"] + run[-1]["byte_length"]):
                 start, end = run[0]["byte_offset"], run[-1]["byte_offset"] + run[-1]["byte_length"]
                 data = source.read_range(path, start, end)
                 vectors = []
@@ -348,3 +348,56 @@ def read_rows(source: Source, rows: list[dict], gap: int = 0):
                     raise ZooError(f"refused checkpoint index row of model {row['model_id']!r}: "
                                    f"{row['byte_length']} bytes for {row['n_values']} values")
                 run.append(row)
+
+
+# --- selections: what publish writes and pull copies ---------------------------------------
+
+
+def rows_of(table: pa.Table | None, column: str, ids: set[str]) -> pa.Table | None:
+    """The rows of `table` whose `column` is one of `ids` (None stays None)."""
+    if table is None:
+        return None
+    return table.filter(pc.is_in(table.column(column), value_set=pa.array(sorted(ids), pa.string())))
+
+
+def at_epochs(checkpoints: pa.Table, epochs: str, strict: bool = False) -> pa.Table:
+    """The checkpoint rows at `epochs`: "all", "final" (each model's last), or a list "0,5,20".
+    `strict` (publishing from a root) also refuses an empty list and an epoch nobody has."""
+    if epochs == "all":
+        return checkpoints
+    pairs = list(zip(checkpoints.column("model_id").to_pylist(), checkpoints.column("epoch").to_pylist()))
+    if epochs == "final":
+        last = checkpoints.group_by("model_id").aggregate([("epoch", "max")])
+        wanted = set(zip(last.column("model_id").to_pylist(), last.column("epoch_max").to_pylist()))
+    else:
+        try:
+            listed = {int(e) for e in epochs.split(",") if e.strip()}
+        except ValueError:
+            raise ZooError(f"--epochs {epochs!r}: give final, all, or a list such as 0,5,20") from None
+        if strict and not listed:
+            raise ZooError(f"--epochs {epochs!r}: no epoch listed")
+        if strict and (missing := sorted(listed - {e for _, e in pairs})):
+            raise ZooError(f"--epochs: no stored checkpoint at epoch {missing[0]}")
+        wanted = {(m, e) for m, e in pairs if e in listed}
+    return checkpoints.filter(pa.array([pair in wanted for pair in pairs], pa.bool_()))
+
+
+def shared_rows(tables: dict[str, pa.Table | None], models: pa.Table, ids: set[str]) -> dict[str, pa.Table | None]:
+    """The rows that refer to several models, kept only when all of them are in `ids`: pair
+    metrics of two such models, cells all of whose models (in `models`, every model of their
+    zoos) are, and benchmark rows whose unit (a model, a cell, a zoo's population) is."""
+    cells: dict[tuple, set[str]] = {}
+    for m, zoo, load, temperature in zip(*(models.column(c).to_pylist() for c in ("model_id", "zoo", "load", "temperature"))):
+        cells.setdefault((zoo, load, temperature), set()).add(m)
+    whole = {c for c, members in cells.items() if members <= ids}
+    whole_zoos = {c[0] for c in cells} - {c[0] for c in cells if c not in whole}
+    out: dict[str, pa.Table | None] = {"pair_metrics": rows_of(rows_of(tables.get("pair_metrics"), "model_a", ids), "model_b", ids)}
+    if (table := tables.get("cells")) is not None:
+        keep = [c in whole for c in zip(*(table.column(k).to_pylist() for k in ("zoo", "load", "temperature")))]
+        out["cells"] = table.filter(pa.array(keep, pa.bool_()))
+    if (table := tables.get("benchmark_results")) is not None:
+        every = set(models.column("model_id").to_pylist())
+        keep = [u in ids if u in every else (z in whole_zoos if u == "population" else (z, l, t) in whole)
+                for u, z, l, t in zip(*(table.column(k).to_pylist() for k in ("unit", "zoo", "load", "temperature")))]
+        out["benchmark_results"] = table.filter(pa.array(keep, pa.bool_()))
+    return out

@@ -18,12 +18,12 @@ import io
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import ZooError, one_line
-from .published import PublishedStore, read_rows, table_path
+from .published import PublishedStore, at_epochs, read_rows, shared_rows, table_path
 from .rows import benchmark_part_key, cells_part_key, metric_part_key
 from .schemas import SCHEMAS
 from .storage import Store
@@ -65,7 +65,8 @@ def pull(z, where: str | None, store: Store, epochs: str = "all", progress: bool
     stored = {m for zoo in zoo_names for m in store.stored_ids("models", zoo)}
     wanted = [m for m in models["model_id"] if m not in stored]
     report.skipped = len(models) - len(wanted)
-    index = _at_epochs(tables["checkpoints"], epochs)
+    per_model = {t: _split_by_model(tables.get(t)) for t in PER_MODEL_TABLES}  # (once: not a scan per model)
+    index = at_epochs(tables["checkpoints"], epochs)
     by_model: dict[str, list[dict]] = {}
     for row in index.to_pylist():
         by_model.setdefault(row["model_id"], []).append(row)
@@ -77,7 +78,7 @@ def pull(z, where: str | None, store: Store, epochs: str = "all", progress: bool
                 try:
                     if isinstance(weights.get(model_id), ZooError):
                         raise weights[model_id]
-                    _store_model(store, tables, model_id, weights.get(model_id, {}))
+                    _store_model(store, per_model, model_id, weights.get(model_id, {}))
                     report.pulled += 1
                 except ZooError as e:
                     report.refused.append(f"model {model_id}: {e}")
@@ -106,27 +107,6 @@ def _fetch_tables(source, report: PullReport) -> dict[str, pa.Table]:
         except (ZooError, pa.ArrowException) as e:
             report.refused.append(f"{table_path(table)}: {one_line(e)}")
     return tables
-
-
-def _at_epochs(index: pa.Table, epochs: str) -> pa.Table:
-    if epochs == "all":
-        return index
-    if epochs == "final":
-        last = index.group_by("model_id").aggregate([("epoch", "max")])
-        keep = dict(zip(last.column("model_id").to_pylist(), last.column("epoch_max").to_pylist()))
-        mask = [keep[m] == e for m, e in zip(index.column("model_id").to_pylist(), index.column("epoch").to_pylist())]
-        return index.filter(pa.array(mask, pa.bool_()))
-    try:
-        listed = {int(e) for e in epochs.split(",") if e.strip()}
-    except ValueError:
-        raise ZooError(f"--epochs {epochs!r}: give final, all, or a list such as 0,5,20") from None
-    return index.filter(pc.is_in(index.column("epoch"), value_set=pa.array(sorted(listed), pa.int32())))
-
-
-def _rows_of(table: pa.Table | None, column: str, ids: set[str]) -> pa.Table | None:
-    if table is None:
-        return None
-    return table.filter(pc.is_in(table.column(column), value_set=pa.array(sorted(ids), pa.string())))
 
 
 CHUNK_BYTES = 64 << 20  # weights fetched at once: adjacent rows of the models of a chunk are one range
@@ -167,38 +147,47 @@ def _fetch_weights(source, chunk: list[str], by_model: dict[str, list[dict]], re
     return out
 
 
-def _store_model(store: Store, tables: dict[str, pa.Table], model_id: str, weights: dict) -> None:
+PER_MODEL_TABLES = ("models", "tensors", "curves", "metrics", "layer_metrics", "densities")
+
+
+def _split_by_model(table: pa.Table | None) -> dict[str, pa.Table]:
+    """model id -> its rows of `table` (slices of one sorted copy)."""
+    if table is None or not len(table):
+        return {}
+    table = table.sort_by("model_id")
+    ids = table.column("model_id").to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    return {ids[a]: table.slice(a, b - a) for a, b in zip(starts, ends)}
+
+
+def _store_model(store: Store, per_model: dict[str, dict[str, pa.Table]], model_id: str, weights: dict) -> None:
     """One model's parts, the `models` row last (the commit)."""
     if not weights:
         raise ZooError("no published checkpoint at the epochs asked for")
-    zoo = _zoo_of(tables["models"], model_id)
+    model = per_model["models"].get(model_id)
+    if model is None or len(model) != 1:
+        raise ZooError("not in the published models table")
+    zoo = model.column("zoo")[0].as_py()
     checkpoints = pa.Table.from_pylist(
         [{"model_id": model_id, "epoch": e, "n_params": row["n_params"], "n_values": row["n_values"], "sha256": row["sha256"],
           "weights": vector} for e, (row, vector) in sorted(weights.items())],
         schema=SCHEMAS["checkpoints"])
-    ids = {model_id}
-    store.write_part("tensors", zoo, model_id, _rows_of(tables.get("tensors"), "model_id", ids) or SCHEMAS["tensors"].empty_table())
-    store.write_part("curves", zoo, model_id, _rows_of(tables.get("curves"), "model_id", ids) or SCHEMAS["curves"].empty_table())
+    for table in ("tensors", "curves"):
+        store.write_part(table, zoo, model_id, per_model[table].get(model_id, SCHEMAS[table].empty_table()))
     store.write_part("checkpoints", zoo, model_id, checkpoints)
-    metrics = _rows_of(tables.get("metrics"), "model_id", ids)
+    metrics = per_model["metrics"].get(model_id)
     # a densities row names no family: it is the family whose metrics rows share its settings
     families = {(r["epoch"], r["settings_hash"]): r["family"] for r in metrics.to_pylist()} if metrics is not None else {}
     for table in ("layer_metrics", "densities", "metrics"):  # metrics last: the runner's commit
-        rows = _rows_of(tables.get(table), "model_id", ids)
+        rows = per_model[table].get(model_id)
         if rows is not None and "family" not in rows.column_names:
             known = [(r["epoch"], r["settings_hash"]) in families for r in rows.to_pylist()]
             rows = rows.filter(pa.array(known, pa.bool_()))
             rows = rows.append_column("family", pa.array([families[(r["epoch"], r["settings_hash"])] for r in rows.to_pylist()], pa.string()))
         for key, part in _by_metric_part(rows, lambda r: [r["model_id"]]):
             store.write_part(table, zoo, key, part.select([c for c in SCHEMAS[table].names if c in part.column_names]))
-    store.write_part("models", zoo, model_id, _rows_of(tables["models"], "model_id", ids))  # the commit
-
-
-def _zoo_of(models: pa.Table, model_id: str) -> str:
-    rows = _rows_of(models, "model_id", {model_id})
-    if rows is None or len(rows) != 1:
-        raise ZooError("not in the published models table")
-    return rows.column("zoo")[0].as_py()
+    store.write_part("models", zoo, model_id, model)  # the commit
 
 
 def _by_metric_part(rows: pa.Table | None, ids_of) -> list[tuple[str, pa.Table]]:
@@ -214,29 +203,17 @@ def _by_metric_part(rows: pa.Table | None, ids_of) -> list[tuple[str, pa.Table]]
 def _pull_shared_rows(store: Store, tables: dict[str, pa.Table], here: set[str]) -> None:
     """Pair metrics of two models here, cells all of whose models are here, and benchmark rows
     whose unit (a model, a cell, the population) is wholly here."""
-    models = tables["models"]
-    cells: dict[tuple[str, float, float], set[str]] = {}
-    for m, zoo, load, temperature in zip(*(models.column(c).to_pylist() for c in ("model_id", "zoo", "load", "temperature"))):
-        cells.setdefault((zoo, load, temperature), set()).add(m)
-    whole = {c for c, members in cells.items() if members <= here}
-    everything = {zoo for zoo in {c[0] for c in cells} if all(c in whole for c in cells if c[0] == zoo)}
-    pairs = _rows_of(_rows_of(tables.get("pair_metrics"), "model_a", here), "model_b", here)
-    for zoo in sorted({c[0] for c in cells}):
-        zoo_pairs = pairs.filter(pc.equal(pairs.column("zoo"), zoo)) if pairs is not None else None
-        for key, part in _by_metric_part(zoo_pairs, lambda r: [r["model_a"], r["model_b"]]):
-            if not store.has_part("pair_metrics", zoo, key):
-                store.write_part("pair_metrics", zoo, key, part)
-    if (table := tables.get("cells")) is not None:
-        keep = [(z, l, t) in whole for z, l, t in zip(*(table.column(c).to_pylist() for c in ("zoo", "load", "temperature")))]
-        table = table.filter(pa.array(keep, pa.bool_()))
+    shared = shared_rows(tables, tables["models"], here)
+    if (pairs := shared["pair_metrics"]) is not None:
+        for zoo, zoo_pairs in _grouped(pairs, ("zoo",)):
+            for key, part in _by_metric_part(zoo_pairs, lambda r: [r["model_a"], r["model_b"]]):
+                if not store.has_part("pair_metrics", zoo, key):
+                    store.write_part("pair_metrics", zoo, key, part)
+    if (table := shared.get("cells")) is not None:
         for (zoo, epoch), part in _grouped(table, ("zoo", "epoch")):
             if not store.has_part("cells", zoo, cells_part_key(epoch)):
                 store.write_part("cells", zoo, cells_part_key(epoch), part)
-    if (table := tables.get("benchmark_results")) is not None:
-        all_ids = set(models.column("model_id").to_pylist())
-        keep = [u in here if u in all_ids else (z in everything if u == "population" else (z, l, t) in whole)
-                for u, z, l, t in zip(*(table.column(c).to_pylist() for c in ("unit", "zoo", "load", "temperature")))]
-        table = table.filter(pa.array(keep, pa.bool_()))
+    if (table := shared.get("benchmark_results")) is not None:
         for (zoo, task, version, digest), part in _grouped(table, ("zoo", "task", "task_version", "parameters_hash")):
             key = benchmark_part_key(task, version, digest)
             stored = store.read_part("benchmark_results", zoo, key)
