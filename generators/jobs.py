@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import submitit
-import torch
 
 import zoo
 from zoo.catalog import ModelSpec
@@ -25,8 +24,7 @@ from zoo.launch import current_job_id
 from zoo.rows import write_failure, write_model
 from zoo.storage import Store
 
-from .stacked import group_into_stacks, shape_key, stack_key, train_stack
-from .training import train
+from .plan import group_into_stacks, shape_key, stack_key
 
 
 @dataclass(frozen=True)
@@ -72,6 +70,11 @@ def train_and_store(root: str, items: Sequence[TrainingItem | str], threads: int
     stack raises, its members are retried one by one, so one bad model fails alone. `threads`
     fixes torch's intra-op threads (1 by default: results then do not depend on how many jobs
     share the machine)."""
+    import torch  # here, not at the top: the launching process imports this module without training
+
+    from .stacked import train_stack
+    from .training import train
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

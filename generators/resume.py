@@ -26,15 +26,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import zoo
 from zoo.catalog import ModelSpec
 from zoo.errors import ZooError
 from zoo.integrity import write_atomically, write_error
+
+if TYPE_CHECKING:  # torch is imported where a state is saved or read: `zoo generate`'s planning
+    import torch   # process imports this module and needs no torch (2 s of its start-up)
 
 FORMAT = "zoo-resume-1"
 DEFAULT_EVERY_S = 300.0
@@ -70,6 +72,8 @@ class TrainingState:
 
 
 def _identity(spec: ModelSpec) -> dict[str, str]:
+    import torch
+
     return {"spec": hashlib.sha256(spec.to_json().encode()).hexdigest(), "code": zoo.code_version(), "torch": torch.__version__}
 
 
@@ -108,6 +112,9 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_state(path: Path, spec: ModelSpec, state: TrainingState) -> None:
     """Write `state` to `path` atomically (an interrupted save leaves the previous one)."""
+    import torch
+    from safetensors.torch import save_file
+
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.model.items():
         tensors[f"model/{name}"] = t.detach().cpu().contiguous()
@@ -142,6 +149,8 @@ def save_state(path: Path, spec: ModelSpec, state: TrainingState) -> None:
 def load_state(path: Path, spec: ModelSpec) -> TrainingState | None:
     """The state saved at `path` for this very spec, code and torch version; None when there is
     none or it cannot be used (then a warning on stderr says why, and the model starts over)."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.exists():
         return None
     try:

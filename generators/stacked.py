@@ -9,13 +9,16 @@ are normalised over its own batch, exactly as alone). A small model is bound by 
 overhead, so this is where the machine's time goes. Same initialisation and batches give the
 same models as the reference path, to float rounding (about 1e-7 after an epoch).
 
+Two engines: MLPs of ReLU or Tanh (`_MLPStack`) with the backward pass written out, and every
+other stackable model (CNNs with BatchNorm, GELU MLPs) through autograd (`_Stack`). Both give
+`gradients`, `evaluate` and `module`; `train_stack` draws the batches and takes the SGD steps.
+
 Written by hand because torch.func's vmap over a functional model was 3x slower than stacked
 matmuls here (see ../shared/reference/performance.md) and no library trains populations.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -29,66 +32,8 @@ from zoo.datasets import Data
 from zoo.rows import TrainedModel
 from zoo.weights import flatten, tensor_index
 
+from .plan import shape_key
 from .training import augment, derive_seed, epoch_batches, initial_model, make_optimizer, make_schedule, steps_per_epoch
-
-# Where stacking pays on a CPU (measured by perf/train_throughput.py on the 2-core machine the
-# README's performance table names): MLPs up to this many parameters (a stack of four 512-wide
-# digits MLPs, 300k parameters, ran 0.9x the speed of one at a time: arithmetic-bound), and CNNs
-# whose first feature map per step (batch x width x H x W) is at most this many values (bigger
-# convolutions are arithmetic-bound and oneDNN's grouped kernels are slower than M plain ones).
-MAX_STACKED_MLP_PARAMS = 100_000
-MAX_STACKED_CNN_ACTIVATIONS = 1 << 15
-
-
-def stack_key(spec: ModelSpec) -> str | None:
-    """Models with equal keys train as one stack by default; None: this model takes the
-    reference path, because stacking it does not pay (see the limits above; on CUDA every MLP
-    and CNN stacks) or cannot be done (`shape_key`)."""
-    key = shape_key(spec)
-    if key is None or torch.cuda.is_available():
-        return key
-    a, t = spec.architecture, spec.training
-    if a["name"] == "mlp":
-        n_in, width = math.prod(spec.input_shape), a["width"]
-        if n_in * width + (a["depth"] - 1) * width * width + width * spec.n_classes > MAX_STACKED_MLP_PARAMS:
-            return None
-    elif t.batch_size * a["width"] * math.prod(spec.input_shape[1:]) > MAX_STACKED_CNN_ACTIVATIONS:
-        return None
-    return key
-
-
-def shape_key(spec: ModelSpec) -> str | None:
-    """Models with equal keys can train as one stack (`train_stack`); None: they cannot.
-
-    Stackable: MLPs and CNNs trained by SGD. Inside a stack the seed, learning rate, momentum
-    and weight decay may differ per model; everything that shapes the computation
-    (architecture, data, batch size, step count, schedule kind, augmentation, checkpoints) is
-    shared."""
-    t = spec.training
-    if t.optimizer != "sgd" or spec.architecture["name"] not in ("mlp", "cnn"):
-        return None
-    if t.augmentation == "flip-crop-rotate" or t.micro_batch_size or t.precision != "float32" or t.channels_last:
-        return None  # (the reference path has these; a stack does not)
-    shared = spec.training.model_dump(exclude={"lr", "momentum", "weight_decay"})
-    return json.dumps([spec.zoo, spec.dataset, spec.architecture, shared, spec.checkpoints], sort_keys=True)
-
-
-def group_into_stacks(specs: list[ModelSpec], max_models: int = 256) -> list[list[ModelSpec]]:
-    """Stacks of at most `max_models` same-key models, in first-seen order; unstackable models
-    alone. Stacks are cut from a whole zoo's model list, never from what happens to be missing,
-    so a model is always trained in the same company: the batched kernels then give it the same
-    bits whichever run trains it (a stack of one and a stack of two can differ in the last bit)."""
-    groups: dict[str, list[ModelSpec]] = {}
-    singles = []
-    for spec in specs:
-        key = stack_key(spec)
-        if key is None:
-            singles.append([spec])
-        else:
-            groups.setdefault(key, []).append(spec)
-    stacks = [g[i : i + max_models] for g in groups.values() for i in range(0, len(g), max_models)]
-    return stacks + singles
-
 
 _ACTIVATIONS = {nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.GELU: F.gelu}
 
@@ -172,6 +117,15 @@ class _Stack:
                 h = _ACTIVATIONS[type(layer)](h)
         return h
 
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient of each model's mean cross-entropy on its own batch, x (M, B, *input_shape),
+        y (M, B), by autograd, for every parameter (as `params`); BatchNorm's running statistics
+        are updated on the way."""
+        logits = self.logits(x)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        # The sum over models of each model's mean loss: model m's gradient is its own.
+        return list(torch.autograd.grad(losses.reshape(len(self.specs), -1).mean(1).sum(), self.params))
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[float, float]]:
         """Every model's (mean cross-entropy, accuracy) on one data split, in eval mode: the same
@@ -207,6 +161,105 @@ class _Stack:
         return model
 
 
+class _MLPStack:
+    """M same-shape MLPs (Flatten -> [Linear -> ReLU or Tanh] x depth -> Linear) with the backward
+    pass written out, the engine for MLP stacks.
+
+    Autograd's bookkeeping cost as much as the arithmetic on these small layers, so each step is
+    the forward matmuls, softmax minus one-hot, and for each layer two batched matmuls (weight
+    gradient, input gradient) and the activation's derivative (a 64-model stack of the digits
+    MLP trained 1.7x faster than through autograd, measured once here, 2026-11-30). The last layer's outputs are padded with zero
+    columns to a multiple of 8, where oneDNN's batched kernels are 3-4x faster than at 10 columns;
+    the padding stays zero (its gradient is zero) and is never seen outside. A test checks every
+    gradient against autograd. Evaluation runs in chunks of `EVAL_CHUNK` samples, whose
+    activations for 256 models stay in cache (3x faster than one 2048-sample chunk)."""
+
+    EVAL_CHUNK = 128
+    ACTIVATIONS = {nn.ReLU: (torch.relu, lambda g, h: torch.ops.aten.threshold_backward(g, h, 0)),
+                   nn.Tanh: (torch.tanh, lambda g, h: torch.ops.aten.tanh_backward(g, h))}
+
+    @classmethod
+    def fits(cls, layers: list[nn.Module]) -> bool:
+        kinds = [type(layer) for layer in layers]
+        return (len(kinds) >= 2 and kinds[0] is nn.Flatten and kinds[-1] is nn.Linear
+                and all(k is nn.Linear for k in kinds[1::2]) and len(set(kinds[2:-1:2])) <= 1
+                and all(k in cls.ACTIVATIONS for k in kinds[2:-1:2]))
+
+    def __init__(self, specs: list[ModelSpec], device: torch.device):
+        self.specs = specs
+        self.references = [initial_model(s) for s in specs]
+        layers = list(self.references[0])
+        self.linears = [k for k, layer in enumerate(layers) if isinstance(layer, nn.Linear)]
+        self.activation, self.derivative = self.ACTIVATIONS.get(type(layers[2]), (None, None)) if len(layers) > 2 else (None, None)
+        self.n_out = layers[-1].out_features
+        padded = -(-self.n_out // 8) * 8
+        self.params = []  # weight (M, in, out) and bias (M, 1, out) of each Linear, in order
+        for k in self.linears:
+            weight = torch.stack([model[k].weight.detach().T for model in self.references])
+            bias = torch.stack([model[k].bias.detach() for model in self.references])[:, None, :]
+            if k == self.linears[-1]:
+                weight, bias = F.pad(weight, (0, padded - self.n_out)), F.pad(bias, (0, padded - self.n_out))
+            self.params += [weight.to(device).contiguous(), bias.to(device).contiguous()]
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient of each model's mean cross-entropy on its own batch, x (M, B, in), y (M, B),
+        for every parameter (as `params`)."""
+        n_models, batch = y.shape
+        h, hidden = x, []
+        for layer in range(len(self.linears)):
+            weight, bias = self.params[2 * layer], self.params[2 * layer + 1]
+            h = torch.baddbmm(bias, h, weight)
+            if layer < len(self.linears) - 1:
+                h = self.activation(h)
+            hidden.append(h)
+        inputs = [x] + hidden[:-1]
+        g = F.pad(torch.softmax(h[:, :, : self.n_out], 2), (0, h.shape[2] - self.n_out))
+        g.scatter_add_(2, y[:, :, None], torch.full((n_models, batch, 1), -1.0, device=g.device)).div_(batch)
+        grads: list[torch.Tensor] = [None] * len(self.params)  # type: ignore[list-item]
+        for layer in reversed(range(len(self.linears))):
+            grads[2 * layer] = torch.bmm(inputs[layer].transpose(1, 2), g)
+            grads[2 * layer + 1] = g.sum(1, keepdim=True)
+            if layer > 0:
+                g = self.derivative(torch.bmm(g, self.params[2 * layer].transpose(1, 2)), inputs[layer])
+        return grads
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every model's logits (M, N, classes) on one shared batch x (N, *input_shape): the first
+        layer of all models is one matmul."""
+        n_models = len(self.specs)
+        weight, bias = self.params[0], self.params[1]
+        h = torch.addmm(bias.reshape(-1), x.reshape(len(x), -1), weight.transpose(0, 1).reshape(weight.shape[1], -1))
+        h = h.reshape(len(x), n_models, -1).transpose(0, 1)
+        for layer in range(1, len(self.linears)):
+            h = torch.baddbmm(self.params[2 * layer + 1], self.activation(h), self.params[2 * layer])
+        return h[:, :, : self.n_out]
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[float, float]]:
+        """As `_Stack.evaluate`: every model's (mean cross-entropy, accuracy) on one split."""
+        device = self.params[0].device
+        n_models = len(self.specs)
+        losses = torch.zeros(n_models, dtype=torch.float64, device=device)
+        correct = torch.zeros(n_models, dtype=torch.int64, device=device)
+        chunk = min(batch_size, self.EVAL_CHUNK)
+        for start in range(0, len(x), chunk):
+            logits = self.logits(x[start : start + chunk].to(device))
+            target = y[start : start + chunk].to(device).expand(n_models, -1)
+            picked = logits.gather(2, target[:, :, None])[:, :, 0]
+            losses += (torch.logsumexp(logits, 2) - picked).sum(1).double()
+            correct += (logits.argmax(2) == target).sum(1)
+        return [(float(loss) / len(x), int(c) / len(x)) for loss, c in zip(losses.cpu(), correct.cpu())]
+
+    @torch.no_grad()
+    def module(self, m: int) -> nn.Module:
+        """Model m as an ordinary module holding its current stacked weights."""
+        model = self.references[m]
+        for layer, k in enumerate(self.linears):
+            model[k].weight.copy_(self.params[2 * layer][m, :, : model[k].out_features].T)
+            model[k].bias.copy_(self.params[2 * layer + 1][m, 0, : model[k].out_features])
+        return model
+
+
 def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str | None = None) -> list[TrainedModel]:
     """Train the stackable models `specs` (one `shape_key`) together; one TrainedModel each.
 
@@ -219,8 +272,10 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
     start = time.perf_counter()
     t = specs[0].training
     device = torch.device(device) if device is not None else run_device()
-    stack = _Stack(specs, device)
+    layers = list(initial_model(specs[0]))
+    stack = _MLPStack(specs, device) if _MLPStack.fits(layers) else _Stack(specs, device)
     n_models, n_train = len(specs), len(data.x_train)
+    x_train = data.x_train.to(device)
     y_train = data.y_train.to(device)
     lrs, momenta = (s.to(device) for s in _schedules(specs, n_train))  # (steps + 1, M, 1, 1) each
     decay = torch.tensor([s.training.weight_decay for s in specs], device=device).reshape(-1, 1, 1)
@@ -246,20 +301,23 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
     step_count = 0
     for epoch in range(1, t.epochs + 1):
         per_model = [next(stream) for stream in streams]
-        for step in range(len(per_model[0])):
-            idx = torch.stack([batches[step] for batches in per_model])  # (M, B)
-            x = data.x_train[idx]  # (M, B, *input_shape)
+        order = torch.stack([torch.cat(batches) for batches in per_model]).to(device)  # (M, samples this epoch)
+        offset = 0
+        for size in [len(batch) for batch in per_model[0]]:
+            idx = order[:, offset : offset + size]  # (M, B): each model's own batch
+            offset += size
+            x = x_train[idx]  # (M, B, *input_shape)
             if t.augmentation == "flip-crop":  # each model's own stream, drawn as the reference path draws it
                 x = torch.stack([augment(x[m], t.crop_padding, augmentations[m]) for m in range(n_models)])
-            logits = stack.logits(x.to(device, non_blocking=True))
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_train[idx.to(device)].reshape(-1), reduction="none")
-            # The sum over models of each model's mean loss: model m's gradient is its own.
-            grads = torch.autograd.grad(losses.reshape(n_models, -1).mean(1).sum(), stack.params)
+            if isinstance(stack, _MLPStack):
+                x = x.reshape(n_models, size, -1)
+            grads = stack.gradients(x, y_train[idx])
             with torch.no_grad():
                 for k, (p, g) in enumerate(zip(stack.params, grads)):
                     buffers[k] = _sgd_step(p, g, buffers[k], lrs[step_count], momenta[step_count], decay, t.nesterov)
             step_count += 1
-            stack.steps += 1
+        if isinstance(stack, _Stack):
+            stack.steps = step_count
         record(epoch)
     seconds = (time.perf_counter() - start) / n_models
     index = tensor_index(stack.references[0])
@@ -268,14 +326,15 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
 
 def _sgd_step(p, g, buffer, lr, momentum, decay, nesterov: bool):
     """torch.optim.SGD's update, with per-model lr, momentum and weight decay ((M, 1, 1) tensors;
-    decay None when every model has none)."""
+    decay None when every model has none), in place: the gradient `g` (a fresh tensor, consumed)
+    becomes the momentum buffer on the first step."""
     shape = (-1,) + (1,) * (p.dim() - 1)
     if decay is not None:
-        g = g + decay.reshape(shape) * p
+        g = g.addcmul_(decay.reshape(shape), p)
     momentum = momentum.reshape(shape)
-    buffer = g.clone() if buffer is None else torch.addcmul(g, momentum, buffer)
+    buffer = g if buffer is None else buffer.mul_(momentum).add_(g)
     step = torch.addcmul(g, momentum, buffer) if nesterov else buffer
-    p.sub_(lr.reshape(shape) * step)
+    p.addcmul_(lr.reshape(shape), step, value=-1)
     return buffer
 
 
@@ -290,11 +349,12 @@ def _schedules(specs: list[ModelSpec], n_train: int) -> tuple[torch.Tensor, torc
     for spec in specs:
         key = spec.training.model_dump_json()
         if key not in cache:
-            optimizer = make_optimizer([torch.zeros(1, requires_grad=True)], spec.training)
-            group = optimizer.param_groups[0]
-            if spec.training.schedule == "constant":  # nothing changes: no simulation
-                cache[key] = ([group["lr"]] * (total + 1), [group.get("momentum", 0.0)] * (total + 1))
+            if spec.training.schedule == "constant":  # nothing changes: no simulation (and no torch.optim,
+                # whose first use imports torch._dynamo: 3 s of a small job's start-up)
+                cache[key] = ([spec.training.lr] * (total + 1), [spec.training.momentum] * (total + 1))
             else:
+                optimizer = make_optimizer([torch.zeros(1, requires_grad=True)], spec.training)
+                group = optimizer.param_groups[0]
                 schedule = make_schedule(optimizer, spec.training, total)
                 lrs, momenta = [group["lr"]], [group.get("momentum", 0.0)]
                 for _ in range(total):

@@ -23,7 +23,8 @@ from datetime import date
 
 import torch
 
-from generators.stacked import stack_key, train_stack
+from generators.plan import stack_key
+from generators.stacked import train_stack
 from generators.training import train
 from zoo.catalog import parse_zoo
 from zoo.datasets import load_dataset

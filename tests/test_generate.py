@@ -85,14 +85,16 @@ def test_a_job_run_twice_stores_each_model_once(smoke_root, tmp_path):
 def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch, capsys):
     zoo_config = load_catalog(REPO / "catalog.yaml")["smoke"]
     bad_id = zoo_config.models()[3].model_id
-    real_train = jobs.train_stack
+    from generators import stacked
+
+    real_train = stacked.train_stack
 
     def flaky(specs, data):
         if bad_id in {s.model_id for s in specs}:
             raise RuntimeError("simulated divergence")
         return real_train(specs, data)
 
-    monkeypatch.setattr(jobs, "train_stack", flaky)
+    monkeypatch.setattr(stacked, "train_stack", flaky)  # jobs import it when they train
     store = Store(tmp_path / "r", create=True)
     options = LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs")
     report = generate(zoo_config, store, options, progress=False)
@@ -105,7 +107,7 @@ def test_a_failing_model_is_recorded_and_the_rest_complete(tmp_path, monkeypatch
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "smoke: 7 done, 0 running, 1 failed, 0 missing of 8"
     assert out[1].startswith(f"failed   {bad_id}") and "RuntimeError: simulated divergence" in out[1]
-    monkeypatch.setattr(jobs, "train_stack", real_train)
+    monkeypatch.setattr(stacked, "train_stack", real_train)
     report = generate(zoo_config, store, options, progress=False)  # the failed model is retried
     assert report.planned == 1 and report.trained == 1
     assert zoo.open(tmp_path / "r").sql("select count(*) n from failures")["n"][0] == 0

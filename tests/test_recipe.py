@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from generators.stacked import shape_key
+from generators.plan import shape_key
 from generators.training import rotate, rotate_by, train
 from zoo.catalog import parse_zoo
 from zoo.datasets import load_dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from generators.training import augment, derive_seed, epoch_batches, train
@@ -110,7 +111,8 @@ STACK_ZOO = {
 
 
 def test_stacked_training_equals_the_reference_path():
-    from generators.stacked import group_into_stacks, train_stack
+    from generators.plan import group_into_stacks
+    from generators.stacked import train_stack
 
     specs = parse_zoo("stack", STACK_ZOO).models()
     stacks = group_into_stacks(specs)
@@ -132,6 +134,64 @@ def test_stacked_training_equals_the_reference_path():
             assert result.curves[-1][f"{split}_acc"] == acc
 
 
+RELU_STACK_ZOO = dict(STACK_ZOO, architecture={"name": "mlp", "width": 20, "depth": 3},
+                      load={"name": "weight_decay", "values": [0.0, 1e-3]},
+                      training=dict(STACK_ZOO["training"], weight_decay=0.0, nesterov=True, schedule="constant",
+                                    augmentation="flip-crop", crop_padding=1, momentum=0.9))
+
+
+def test_a_relu_stack_with_nesterov_and_augmentation_equals_the_reference_path():
+    from generators.stacked import train_stack
+
+    specs = parse_zoo("relu", RELU_STACK_ZOO).models()
+    data = load_dataset(specs[0].dataset)
+    for spec, result in zip(specs, train_stack(specs, data)):
+        reference = train(spec, data)
+        assert np.array_equal(result.checkpoints[0], reference.checkpoints[0])
+        assert np.abs(result.checkpoints[2] - reference.checkpoints[2]).max() < 1e-5
+        for key in ("train_loss", "test_loss"):
+            assert abs(result.curves[-1][key] - reference.curves[-1][key]) < 1e-5
+
+
+@pytest.mark.parametrize("activation,depth,classes", [("relu", 2, 10), ("tanh", 1, 3), ("relu", 1, 16), ("tanh", 3, 17)])
+def test_the_mlp_engines_written_out_gradients_equal_autograd(activation, depth, classes):
+    """`_MLPStack.gradients` (hand-written backward, last layer padded to a multiple of 8) against
+    torch.autograd on each model alone, as an nn.Module: every parameter's gradient."""
+    from torch.nn import functional as F
+
+    from generators.stacked import _MLPStack
+
+    specs = parse_zoo("g", dict(STACK_ZOO, architecture={"name": "mlp", "width": 12, "depth": depth, "activation": activation},
+                                dataset={"name": "teacher-student", "n_classes": classes, "n_features": 7, "train_size": 64, "test_size": 16})).models()
+    stack = _MLPStack(specs, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(len(specs), 9, 7, generator=generator)
+    y = torch.randint(0, classes, (len(specs), 9), generator=generator)
+    grads = stack.gradients(x, y)
+    for m, spec in enumerate(specs):
+        model = stack.module(m)
+        model.zero_grad()
+        F.cross_entropy(model(x[m]), y[m]).backward()
+        linears = [layer for layer in model if isinstance(layer, torch.nn.Linear)]
+        assert len(grads) == 2 * len(linears)
+        for k, layer in enumerate(linears):
+            weight, bias = grads[2 * k][m, :, : layer.out_features].T, grads[2 * k + 1][m, 0, : layer.out_features]
+            torch.testing.assert_close(weight, layer.weight.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bias, layer.bias.grad, rtol=1e-5, atol=1e-6)
+        assert not grads[-2][m, :, classes:].any() and not grads[-1][m, 0, classes:].any()  # the padding stays zero
+
+
+def test_gelu_mlps_stack_on_the_autograd_engine():
+    from generators.stacked import _MLPStack, _Stack, train_stack
+
+    specs = parse_zoo("gelu", dict(STACK_ZOO, architecture={"name": "mlp", "width": 8, "activation": "gelu"},
+                                   training=dict(STACK_ZOO["training"], epochs=1), checkpoints=[0, 1])).models()[:2]
+    assert not _MLPStack.fits(list(_Stack(specs, torch.device("cpu")).layers))
+    data = load_dataset(specs[0].dataset)
+    for spec, result in zip(specs, train_stack(specs, data)):
+        assert np.abs(result.checkpoints[1] - train(spec, data).checkpoints[1]).max() < 1e-5
+
+
 CNN_STACK_ZOO = {
     "description": "cnn stack",
     "dataset": {"name": "digits", "train_size": 200},
@@ -145,7 +205,8 @@ CNN_STACK_ZOO = {
 
 
 def test_stacked_cnns_with_batchnorm_and_augmentation_equal_the_reference_path():
-    from generators.stacked import group_into_stacks, train_stack
+    from generators.plan import group_into_stacks
+    from generators.stacked import train_stack
 
     specs = parse_zoo("cnn", CNN_STACK_ZOO).models()
     assert [len(s) for s in group_into_stacks(specs)] == [4]  # small images and batches: stacked
@@ -165,7 +226,7 @@ def test_stacked_cnns_with_batchnorm_and_augmentation_equal_the_reference_path()
 
 
 def test_large_convolutions_take_the_reference_path_on_a_cpu():
-    from generators.stacked import shape_key, stack_key
+    from generators.plan import shape_key, stack_key
 
     big = parse_zoo("cnn", dict(CNN_STACK_ZOO, architecture={"name": "cnn", "width": 64, "depth": 2},
                                 training=dict(CNN_STACK_ZOO["training"], batch_size=128))).models()[0]

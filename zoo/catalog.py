@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -357,11 +358,28 @@ def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
     return Catalog({str(name): parse_zoo(str(name), body, path) for name, body in raw["zoos"].items()}, path)
 
 
+def _numbers(value: Any, path: str = ""):
+    """(dotted field, float) for every float inside a parsed YAML value."""
+    if isinstance(value, float):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+
+
 def parse_zoo(name: str, body: Any, path: Path | str = "catalog") -> ZooConfig:
     """Validate one zoo's settings; any problem is a one-line CatalogError naming zoo and field."""
     where = f"{Path(path).name}: zoo {name!r}"
     if not isinstance(body, dict):
         raise CatalogError(f"{where}: expected a mapping of settings, got {type(body).__name__}")
+    if "name" in body:
+        raise CatalogError(f"{where}, field 'name': not a setting (a zoo is named by its key under `zoos:`)")
+    for field, value in _numbers(body):
+        if not math.isfinite(value):  # also inside the free-form sections (dataset, architecture, metrics)
+            raise CatalogError(f"{where}, field {field!r}: a number must be finite, got {value}")
     try:
         zoo = ZooConfig(name=name, **body)
     except ValidationError as e:

@@ -27,6 +27,7 @@ the API never follows a `path` stored in a zoo (`Root.data`).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import gzip
 import json
@@ -154,15 +155,27 @@ class DigitsOptions(Options):
     split_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+def _digits_values() -> np.ndarray:
+    """sklearn's digits as its own data file holds them: 1797 rows of 64 pixel values (0-16) and
+    the label. Read from the file sklearn ships (what `sklearn.datasets.load_digits` reads), found
+    without importing sklearn: that import costs about 2.5 s, most of a small training job's
+    start-up. A test checks these values against `load_digits()`."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ZooError("dataset digits needs scikit-learn installed (its digits.csv.gz)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise ZooError(f"dataset digits: {path} is missing from the scikit-learn installation")
+    return np.loadtxt(path, delimiter=",", dtype=np.float64)
+
+
 @register_dataset("digits", DigitsOptions, lambda o: ((1, 8, 8), 10), is_image=True)
 def load_digits(o: DigitsOptions) -> Data:
     import torch
 
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    values = _digits_values()
+    x = torch.tensor(values[:, :-1], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(values[:, -1], dtype=torch.int64)
     order = torch.tensor(np.random.default_rng(o.split_seed).permutation(len(x)))
     n_test = math.ceil(o.test_fraction * len(x))  # as sklearn rounds a test fraction: 360 of 1797
     test, train = order[:n_test], order[n_test:]

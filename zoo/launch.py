@@ -49,7 +49,8 @@ class LaunchOptions:
     limit: int | None = None
     jobs_dir: Path | None = None
     slurm: Launch = field(default_factory=Launch)
-    poll_seconds: float = 0.5
+    poll_seconds: float = 0.1  # how often finished jobs are looked for (a short job's result waits at most this)
+    progress_seconds: float = 0.5  # how often `on_poll` (a progress bar that lists the store) is called
     wait_timeout_min: float | None = None  # None: see `wait_limit`
 
     def wait_limit(self) -> float:
@@ -116,6 +117,7 @@ def run_jobs(
         record(running)
     limit = options.workers if options.executor == "local" else 1
     started = {id(job): time.monotonic() for job, _ in running}
+    polled = -math.inf
     while queue or running:
         while queue and len(running) < limit:
             chunk = queue.pop(0)
@@ -130,8 +132,9 @@ def run_jobs(
         for job, chunk in [r for r in running if time.monotonic() - started[id(r[0])] > options.wait_limit()]:
             running.remove((job, chunk))
             outcomes.append(_give_up(job, chunk, options.wait_limit()))
-        if on_poll:
+        if on_poll and (not running or time.monotonic() - polled >= options.progress_seconds):
             on_poll()
+            polled = time.monotonic()
         if running:
             time.sleep(options.poll_seconds)
     if all(o.error is None for o in outcomes):

@@ -33,7 +33,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import StorageError, ZooError, one_line
@@ -224,6 +223,8 @@ class Store:
             return self._read_model_rows(table, zoo, model_ids, columns, filter)
 
     def _read_model_rows(self, table, zoo, model_ids, columns, filter) -> pa.Table:
+        import pyarrow.dataset as ds  # here: it imports pandas, half a second of every job's start-up
+
         folder = self.zoo_dir(table, zoo)
         for model_id in model_ids:
             safe_name("model id", model_id)
