@@ -138,3 +138,23 @@ def test_catalog_env_variable_selects_the_catalog(tmp_path, monkeypatch, capsys)
     assert main(["catalog", "--root", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
     assert "only-mine" in out and "smoke" not in out
+
+
+@pytest.mark.parametrize("where,value", [("training.lr", float("inf")), ("training.momentum", float("nan")),
+                                         ("metrics.hessian.trace_tol", float("inf")), ("dataset.test_fraction", float("-inf"))])
+def test_a_number_that_is_not_finite_is_one_line_naming_the_field(where, value):
+    body = yaml.safe_load((REPO / "catalog.yaml").read_text())["zoos"]["smoke"]
+    section, *rest = where.split(".")
+    target = body.setdefault(section, {})
+    for key in rest[:-1]:
+        target = target.setdefault(key, {})
+    target[rest[-1]] = value
+    with pytest.raises(CatalogError) as e:
+        parse_zoo("smoke", body)
+    assert str(e.value).startswith("catalog: zoo 'smoke', field ") and where in str(e.value) and "finite" in str(e.value)
+
+
+def test_a_name_key_inside_a_zoo_is_one_line():
+    body = dict(yaml.safe_load((REPO / "catalog.yaml").read_text())["zoos"]["smoke"], name="other")
+    with pytest.raises(CatalogError, match="field 'name': not a setting"):
+        parse_zoo("smoke", body)

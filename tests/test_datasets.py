@@ -24,6 +24,25 @@ def test_digits_split_is_fixed_disjoint_and_documented_size():
     assert overlap < 5  # sklearn's digits hold a few exact duplicate images; the split itself is disjoint by index
 
 
+def test_digits_are_sklearns_digits_read_without_importing_sklearn():
+    """The loader reads the digits.csv.gz that scikit-learn ships (importing sklearn costs seconds
+    of every job's start-up): the same 1,797 images and labels as `load_digits()`."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from zoo.datasets import _digits_values
+
+    values, bunch = _digits_values(), load_digits()
+    assert np.array_equal(values[:, :-1], bunch.data) and np.array_equal(values[:, -1].astype(int), bunch.target)
+    data = load_dataset({"name": "digits"})
+    x = torch.cat([data.x_train, data.x_test]).reshape(-1, 64) * 16
+    assert sorted(map(tuple, x.int().tolist())) == sorted(map(tuple, bunch.data.astype(int).tolist()))
+    code = "import sys; from zoo.datasets import load_dataset; load_dataset({'name': 'digits'}); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_train_size_keeps_a_prefix_of_the_fixed_order():
     full = load_dataset({"name": "digits", "train_size": None})
     small = load_dataset({"name": "digits", "train_size": 100})
