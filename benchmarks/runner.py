@@ -1,6 +1,11 @@
 """Run a task on a zoo: select the models, cut them into units, score every method on every
 unit, store the results.
 
+The (method call, unit) pairs to score run in this process (`run_task` without launch options: the
+API's default) or as jobs through the same launcher as `zoo generate` and `zoo metrics` (local
+workers, or SLURM with several pairs per job): each job reloads the task from its file, cuts the
+same units from the root, scores its pairs and returns their rows, which this process stores.
+
 Results go to the `benchmark_results` table, one part per (task, version, method, parameters):
 `tables/benchmark_results/<zoo>/<task>-v<version>-<hash>.parquet`. A rerun of an identical
 configuration reads that part and computes only its missing or failed units. A method that
@@ -12,7 +17,8 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -24,12 +30,13 @@ import zoo as zoo_package
 from zoo.api import Root
 from zoo.datasets import Data
 from zoo.errors import ZooError
+from zoo.launch import LaunchOptions, run_jobs
 from zoo.population import UNLABELLED, phase_labels
 from zoo.rows import benchmark_part_key
 from zoo.schemas import SCHEMAS
 
 from .evaluation import Holdout, holdout
-from .tasks import MethodCall, Task
+from .tasks import MethodCall, Task, load_task
 
 SAVE_EVERY_S = 30.0  # how often a long method call stores the units it has scored (a kill keeps them)
 
@@ -114,45 +121,131 @@ def units(z: Root, task: Task, models: pd.DataFrame, seed: int) -> list[UnitCont
 
 
 def run_task(z: Root, task: Task, zoo_name: str, methods: list[str] | None = None,
-             progress: Callable[[str], None] | None = None) -> RunReport:
-    """Score the task's methods (or those named) on every unit of `zoo_name`; store the rows."""
+             progress: Callable[[str], None] | None = None, options: LaunchOptions | None = None) -> RunReport:
+    """Score the task's methods (or those named) on every unit of `zoo_name`; store the rows.
+    With `options`, the pairs run as launched jobs (see the module's docstring)."""
     calls = task.select(methods)
     seed = int(getattr(task.settings, "seed", 0))
     models = selected_models(z, task, zoo_name)
     todo = units(z, task, models, seed)
     report = RunReport(task.name, zoo_name)
-    settings = json.dumps({"protocol": task.protocol.name, "settings": task.settings.model_dump(mode="json"),
-                           "metrics": list(task.metrics), "versions": versions(),
-                           "n_models": len(models)}, sort_keys=True)
+    settings = run_settings(task, models)
+    stored_rows: dict[str, list[pd.DataFrame]] = {}
+    missing: list[tuple[MethodCall, UnitContext]] = []
     for call in calls:
-        key = part_key(task, call)
-        stored = z.store.read_part("benchmark_results", zoo_name, key)
+        stored = z.store.read_part("benchmark_results", zoo_name, part_key(task, call))
         stored = stored.to_pandas() if stored is not None else pd.DataFrame(columns=SCHEMAS["benchmark_results"].names)
         done = set(stored.loc[stored["status"] == "ok", "unit"])
-        kept = [stored[stored["unit"] == u.unit] for u in todo if u.unit in done]
+        stored_rows[part_key(task, call)] = [stored[stored["unit"] == u.unit] for u in todo if u.unit in done]
+        report.reused += sum(1 for u in todo if u.unit in done)
+        missing += [(call, u) for u in todo if u.unit not in done]
+    if options is None:
+        _score_here(z, task, zoo_name, calls, missing, settings, stored_rows, report, progress)
+    else:
+        _score_in_jobs(z, task, zoo_name, calls, missing, stored_rows, report, options)
+    z.store.write_index()
+    return report
+
+
+def run_settings(task: Task, models: pd.DataFrame) -> str:
+    """What a result row records of how it was computed (the same in every job of a run)."""
+    return json.dumps({"protocol": task.protocol.name, "settings": task.settings.model_dump(mode="json"),
+                       "metrics": list(task.metrics), "versions": versions(), "n_models": len(models)}, sort_keys=True)
+
+
+def _store(z: Root, task: Task, zoo_name: str, call: MethodCall, kept: list[pd.DataFrame], rows: list[dict]) -> None:
+    """The stored units and the new ones of one method call, rewritten as one part (atomic)."""
+    new = pa.Table.from_pylist(rows, schema=SCHEMAS["benchmark_results"])
+    table = pa.concat_tables([pa.Table.from_pandas(k, schema=SCHEMAS["benchmark_results"], preserve_index=False) for k in kept] + [new])
+    z.store.write_part("benchmark_results", zoo_name, part_key(task, call), table)
+
+
+def _score_here(z, task, zoo_name, calls, missing, settings, stored_rows, report, progress) -> None:
+    for call in calls:
+        key = part_key(task, call)
         rows: list[dict[str, Any]] = []
         saved, last_save = 0, time.monotonic()
-
-        def save():  # the stored units and the new ones, rewritten as one part (atomic)
-            new = pa.Table.from_pylist(rows, schema=SCHEMAS["benchmark_results"])
-            table = pa.concat_tables([pa.Table.from_pandas(k, schema=SCHEMAS["benchmark_results"], preserve_index=False) for k in kept] + [new])
-            z.store.write_part("benchmark_results", zoo_name, key, table)
-
-        for unit in todo:
-            if unit.unit in done:
-                report.reused += 1
-                continue
+        for unit in [u for c, u in missing if c is call]:
             if progress:
                 progress(f"{task.name}: {call.label} on {unit.unit}")
             rows += score(task, call, unit, settings, report)
             report.computed += 1
             if time.monotonic() - last_save > SAVE_EVERY_S:  # a long run killed midway keeps its work
-                save()
+                _store(z, task, zoo_name, call, stored_rows[key], rows)
                 saved, last_save = len(rows), time.monotonic()
         if len(rows) > saved:
-            save()
-    z.store.write_index()
-    return report
+            _store(z, task, zoo_name, call, stored_rows[key], rows)
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One (method call, unit) pair of a launched run. It becomes JSON text only where the launcher
+    takes it; the task travels as its YAML file, the call as its parameters hash, the unit as its name."""
+
+    task: str
+    zoo: str
+    call: str
+    unit: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BenchItem":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class BenchJobReport:
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # part key -> result rows
+    computed: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def score_items(root: str, items: Sequence[BenchItem | str]) -> BenchJobReport:
+    """The job function: score the pairs `items` names on the zoo at `root` and return their rows
+    (the launching process stores them). Each task is loaded and its units are cut once per job."""
+    from zoo.api import Root as RootHandle
+
+    z = RootHandle(root)
+    result, loaded = BenchJobReport(), {}
+    for item in (BenchItem.from_json(i) if isinstance(i, str) else i for i in items):
+        if (item.task, item.zoo) not in loaded:
+            task = load_task(item.task)
+            models = selected_models(z, task, item.zoo)
+            todo = {u.unit: u for u in units(z, task, models, int(getattr(task.settings, "seed", 0)))}
+            calls = {c.parameters_hash: c for c in task.select(None)}
+            loaded[item.task, item.zoo] = (task, todo, calls, run_settings(task, models))
+        task, todo, calls, settings = loaded[item.task, item.zoo]
+        if item.call not in calls or item.unit not in todo:
+            raise ZooError(f"{item.task}: no method call {item.call} or unit {item.unit!r} here (the task or the zoo changed)")
+        report = RunReport(task.name, item.zoo)
+        result.rows.setdefault(part_key(task, calls[item.call]), []).extend(score(task, calls[item.call], todo[item.unit], settings, report))
+        result.computed += 1
+        result.failed += report.failed
+    return result
+
+
+def _score_in_jobs(z, task, zoo_name, calls, missing, stored_rows, report, options: LaunchOptions) -> None:
+    items = [BenchItem(str(task.path.resolve()), zoo_name, call.parameters_hash, unit.unit) for call, unit in missing]
+    texts = [item.to_json() for item in items]
+    by_text = dict(zip(texts, items))
+    labels = {call.parameters_hash: call.label for call in calls}
+    outcomes = run_jobs(score_items, texts, options, f"bench-{task.name}-{zoo_name}", kwargs={"root": str(z.root)}) if texts else []
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for outcome in outcomes:
+        if outcome.error is not None:  # the job died: its pairs are computed again on the next run
+            report.failed += [f"{labels[by_text[t].call]} on {by_text[t].unit}: {outcome.error}" for t in outcome.items]
+            continue
+        for key, new in outcome.result.rows.items():
+            rows.setdefault(key, []).extend(new)
+        report.computed += outcome.result.computed
+        report.failed += outcome.result.failed
+    order = {u: k for k, u in enumerate(dict.fromkeys(unit.unit for _, unit in missing))}
+    for call in calls:
+        key = part_key(task, call)
+        if rows.get(key):
+            _store(z, task, zoo_name, call, stored_rows[key], sorted(rows[key], key=lambda r: order.get(r["unit"], 0)))
 
 
 def part_key(task: Task, call: MethodCall) -> str:

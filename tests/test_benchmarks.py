@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from benchmarks.tasks import find_task, load_task
 from zoo.architectures import build_model
 from zoo.cli import main
 from zoo.errors import ZooError
+from zoo.launch import LaunchOptions
 from zoo.permutations import permutation_spec, permute_state, random_permutations
 
 
@@ -625,3 +627,28 @@ def test_the_leaderboard_ranks_in_the_direction_the_protocol_declares(root, tmp_
     assert list(ascending["loss"]) == [1.0, 3.0, 10.0] and list(ascending["rank"]) == [1, 2, 3]
     assert list(ascending["method"]) == ["linear(alpha=1.0)", "linear(alpha=3.0)", "linear(alpha=10.0)"]
     assert list(benchmarks.leaderboard(zoo.open(root), "by-score")["score"]) == [10.0, 3.0, 1.0]
+
+
+def _result_values(root, task):
+    rows = zoo.open(root).sql(f"select method, parameters_hash, unit, metric, value, status, phase, seed, settings "
+                              f"from benchmark_results where task = '{task}' order by all")
+    return rows
+
+
+def test_zoo_bench_through_the_launcher_gives_the_in_process_rows(root, tmp_path, monkeypatch):
+    """`zoo bench` runs its (method, unit) pairs as local jobs (2 workers, each a process of its
+    own): the stored rows equal those of the in-process run, and a rerun computes nothing."""
+    monkeypatch.setenv("ZOO_JOBS_DIR", str(tmp_path / "jobs"))
+    task_path = _write(tmp_path / "mine.yaml", {**TASK, "methods": [{"method": "magnitude_global", "sweep": {"sparsity": [0.3, 0.6]}},
+                                                                 {"method": "random", "parameters": {"sparsity": 0.5}}]})
+    here = tmp_path / "here"
+    shutil.copytree(root, here)
+    report = run_task(zoo.open(here), load_task(task_path), "smoke")
+    assert report.computed == 3 * 8 and not report.failed  # 3 calls x 8 models (the unit is a model)
+    assert main(["bench", str(task_path), "--root", str(root), "--no-progress", "--workers", "2"]) == 0
+    launched, in_process = _result_values(root, "mine"), _result_values(here, "mine")
+    assert len(launched) == len(in_process) >= 24 and (launched["status"] == "ok").all()
+    pd.testing.assert_frame_equal(launched, in_process)
+    again = run_task(zoo.open(root), load_task(task_path), "smoke", options=LaunchOptions(workers=2))
+    assert again.computed == 0 and again.reused == 24
+    assert not list((tmp_path / "jobs").glob("*/*"))  # every job succeeded: its folder is gone

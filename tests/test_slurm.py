@@ -254,3 +254,21 @@ def test_a_job_warned_of_its_time_limit_requeues_and_resumes_from_its_last_saved
     resumed = re.findall(r"resumed (\S+) after its saved epoch (\d+)", err)  # the model cut off, or the next
     assert saved and len(resumed) == 1 and resumed[0][0] not in early.index and int(resumed[0][1]) >= 1, err[-2000:]
     assert not list((root / "resume" / "slow").glob("*.safetensors"))
+
+
+def test_zoo_bench_on_slurm_gives_the_local_runs_rows(slurm, smoke_root, tmp_path):
+    """`zoo bench --executor slurm` spreads the (method, unit) pairs over array jobs, several per
+    job, and stores the rows a local run stores."""
+    task = tmp_path / "prune.yaml"
+    task.write_text(yaml.safe_dump({"task": "prune-slurm", "protocol": "prune", "zoo": "smoke",
+                                    "methods": [{"method": "magnitude_global", "sweep": {"sparsity": [0.3, 0.6]}}],
+                                    "metrics": ["test_acc"]}))
+    roots = {kind: tmp_path / kind for kind in ("slurm", "local")}
+    for kind, root in roots.items():
+        shutil.copytree(smoke_root, root)
+    assert main(["bench", str(task), "--root", str(roots["slurm"]), "--executor", "slurm", "--pairs-per-job", "5",
+                 "--timeout-min", "10", "--no-progress"]) == 0
+    assert main(["bench", str(task), "--root", str(roots["local"]), "--no-progress"]) == 0
+    query = "select method, parameters_hash, unit, metric, value, status from benchmark_results order by all"
+    a, b = (zoo.open(root).sql(query) for root in roots.values())
+    assert len(a) >= 16 and (a["status"] == "ok").all() and a.equals(b)

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--zoo", help="the zoo to score on (default: the task's zoo)")
     b.add_argument("--method", action="append", metavar="M", help="only this method (repeatable)")
     b.add_argument("--include-path", action="append", default=[], metavar="DIR", help="also find tasks in DIR (repeatable)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _launch_arguments(b)  # the (method, unit) pairs run as jobs, like training and metrics
+    b.add_argument("--pairs-per-job", type=int, default=None, metavar="K",
+                   help="(method, unit) pairs scored by one job (default: one job per local worker; 1 on SLURM)")
 
     lb = sub.add_parser("leaderboard", parents=[common], help="the leaderboard, from the stored benchmark results")
     lb.add_argument("--task", help="one task (default: all)")
@@ -149,8 +151,12 @@ def _launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _launch_options(args, zoo_config, **extra):
+    """Launch options from the command line over the zoo's `launch:` settings (zoo_config None: a
+    zoo the catalog does not declare, such as a pulled one: the defaults)."""
+    from zoo.catalog import Launch
     from zoo.launch import LaunchOptions
 
+    defaults = zoo_config.launch if zoo_config is not None else Launch()
     overrides = {
         key: getattr(args, key)
         for key in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "signal_delay_s", "account", "qos",
@@ -161,9 +167,9 @@ def _launch_options(args, zoo_config, **extra):
         pairs = [item.split("=", 1) for item in args.sbatch]
         if any(len(p) != 2 or not p[0] for p in pairs):
             raise ZooError("--sbatch takes KEY=VALUE")
-        overrides["extra"] = {**zoo_config.launch.extra, **dict(pairs)}
+        overrides["extra"] = {**defaults.extra, **dict(pairs)}
     try:
-        launch = type(zoo_config.launch).model_validate({**zoo_config.launch.model_dump(), **overrides})
+        launch = Launch.model_validate({**defaults.model_dump(), **overrides})
     except Exception as e:
         raise ZooError(f"bad SLURM option: {str(e).splitlines()[-1].strip()}") from None
     options = LaunchOptions(executor=args.executor, jobs_dir=args.jobs_dir, slurm=launch, **extra)
@@ -372,10 +378,13 @@ def cmd_bench(args) -> int:
     zoo_name = args.zoo or task.config.zoo
     if not zoo_name:
         raise ZooError(f"task {task.name!r} names no zoo: pass --zoo")
+    catalog = load_catalog(args.catalog)
+    options = _launch_options(args, catalog.zoos.get(zoo_name), items_per_job=args.pairs_per_job)
     store = Store(args.root or default_root())
     Store(store.root, create=True)  # tables added since the root was made
     progress = None if args.no_progress else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    report = run_task(Root(store.root, recover=True), task, zoo_name, args.method, progress=progress)
+    report = run_task(Root(store.root, recover=True), task, zoo_name, args.method, progress=progress,
+                      options=None if args.executor == "debug" else options)
     print(f"{task.name} on {zoo_name}: computed {report.computed}, reused {report.reused} (already stored), "
           f"failed {len(report.failed)}", file=sys.stderr)
     for line in report.failed[:10]:
