@@ -202,9 +202,19 @@ class BenchJobReport:
     failed: list[str] = field(default_factory=list)
 
 
-def score_items(root: str, items: Sequence[BenchItem | str]) -> BenchJobReport:
+def score_items(root: str, items: Sequence[BenchItem | str], threads: int = 1) -> BenchJobReport:
     """The job function: score the pairs `items` names on the zoo at `root` and return their rows
-    (the launching process stores them). Each task is loaded and its units are cut once per job."""
+    (the launching process stores them). Each task is loaded and its units are cut once per job.
+    `threads` fixes torch's intra-op threads (1: the launcher runs a job per core)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _score_items(root, items)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _score_items(root: str, items: Sequence[BenchItem | str]) -> BenchJobReport:
     from zoo.api import Root as RootHandle
 
     z = RootHandle(root)

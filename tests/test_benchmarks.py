@@ -643,7 +643,12 @@ def test_zoo_bench_through_the_launcher_gives_the_in_process_rows(root, tmp_path
                                                                  {"method": "random", "parameters": {"sparsity": 0.5}}]})
     here = tmp_path / "here"
     shutil.copytree(root, here)
-    report = run_task(zoo.open(here), load_task(task_path), "smoke")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a launched job runs
+    try:
+        report = run_task(zoo.open(here), load_task(task_path), "smoke")
+    finally:
+        torch.set_num_threads(threads)
     assert report.computed == 3 * 8 and not report.failed  # 3 calls x 8 models (the unit is a model)
     assert main(["bench", str(task_path), "--root", str(root), "--no-progress", "--workers", "2"]) == 0
     launched, in_process = _result_values(root, "mine"), _result_values(here, "mine")

@@ -49,7 +49,8 @@ class LaunchOptions:
     limit: int | None = None
     jobs_dir: Path | None = None
     slurm: Launch = field(default_factory=Launch)
-    poll_seconds: float = 0.1  # how often finished jobs are looked for (a short job's result waits at most this)
+    poll_seconds: float | None = None  # how often finished jobs are looked for (None: 0.1 s locally, where a short
+    # job's result waits at most this; 0.5 s on SLURM, where each look touches every job's folder on a shared file system)
     progress_seconds: float = 0.5  # how often `on_poll` (a progress bar that lists the store) is called
     wait_timeout_min: float | None = None  # None: see `wait_limit`
 
@@ -136,7 +137,7 @@ def run_jobs(
             on_poll()
             polled = time.monotonic()
         if running:
-            time.sleep(options.poll_seconds)
+            time.sleep(options.poll_seconds or (0.1 if options.executor == "local" else 0.5))
     if all(o.error is None for o in outcomes):
         shutil.rmtree(folder, ignore_errors=True)
     return outcomes
