@@ -143,6 +143,7 @@ def run_task(z: Root, task: Task, zoo_name: str, methods: list[str] | None = Non
         _score_here(z, task, zoo_name, calls, missing, settings, stored_rows, report, progress)
     else:
         _score_in_jobs(z, task, zoo_name, calls, missing, stored_rows, report, options)
+    z.store.sweep(zoo_name)  # temporary files of killed writers (a killed run's jobs, or its index write)
     z.store.write_index()
     return report
 
