@@ -125,11 +125,8 @@ def run_task(z: Root, task: Task, zoo_name: str, methods: list[str] | None = Non
     """Score the task's methods (or those named) on every unit of `zoo_name`; store the rows.
     With `options`, the pairs run as launched jobs (see the module's docstring)."""
     calls = task.select(methods)
-    seed = int(getattr(task.settings, "seed", 0))
-    models = selected_models(z, task, zoo_name)
-    todo = units(z, task, models, seed)
+    todo, settings = units_and_settings(z, task, zoo_name)
     report = RunReport(task.name, zoo_name)
-    settings = run_settings(task, models)
     stored_rows: dict[str, list[pd.DataFrame]] = {}
     missing: list[tuple[MethodCall, UnitContext]] = []
     for call in calls:
@@ -148,10 +145,13 @@ def run_task(z: Root, task: Task, zoo_name: str, methods: list[str] | None = Non
     return report
 
 
-def run_settings(task: Task, models: pd.DataFrame) -> str:
-    """What a result row records of how it was computed (the same in every job of a run)."""
-    return json.dumps({"protocol": task.protocol.name, "settings": task.settings.model_dump(mode="json"),
-                       "metrics": list(task.metrics), "versions": versions(), "n_models": len(models)}, sort_keys=True)
+def units_and_settings(z: Root, task: Task, zoo_name: str) -> tuple[list[UnitContext], str]:
+    """The task's units of `zoo_name`, and what a result row records of how it was computed: the
+    same in the launching process and in every job of a run."""
+    models = selected_models(z, task, zoo_name)
+    settings = json.dumps({"protocol": task.protocol.name, "settings": task.settings.model_dump(mode="json"),
+                           "metrics": list(task.metrics), "versions": versions(), "n_models": len(models)}, sort_keys=True)
+    return units(z, task, models, int(getattr(task.settings, "seed", 0))), settings
 
 
 def _store(z: Root, task: Task, zoo_name: str, call: MethodCall, kept: list[pd.DataFrame], rows: list[dict]) -> None:
@@ -223,10 +223,9 @@ def _score_items(root: str, items: Sequence[BenchItem | str]) -> BenchJobReport:
     for item in (BenchItem.from_json(i) if isinstance(i, str) else i for i in items):
         if (item.task, item.zoo) not in loaded:
             task = load_task(item.task)
-            models = selected_models(z, task, item.zoo)
-            todo = {u.unit: u for u in units(z, task, models, int(getattr(task.settings, "seed", 0)))}
+            todo, settings = units_and_settings(z, task, item.zoo)
             calls = {c.parameters_hash: c for c in task.select(None)}
-            loaded[item.task, item.zoo] = (task, todo, calls, run_settings(task, models))
+            loaded[item.task, item.zoo] = (task, {u.unit: u for u in todo}, calls, settings)
         task, todo, calls, settings = loaded[item.task, item.zoo]
         if item.call not in calls or item.unit not in todo:
             raise ZooError(f"{item.task}: no method call {item.call} or unit {item.unit!r} here (the task or the zoo changed)")

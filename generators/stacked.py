@@ -68,7 +68,7 @@ class _Stack:
             for name, buffer in self.references[0].named_buffers()
             if buffer.is_floating_point()
         }
-        self.steps = 0  # BatchNorm's num_batches_tracked
+        self.steps = 0  # BatchNorm's num_batches_tracked: training steps taken (`gradients`)
 
     def _is_linear_weight(self, name: str) -> bool:
         index, _, kind = name.rpartition(".")
@@ -120,8 +120,9 @@ class _Stack:
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The gradient of each model's mean cross-entropy on its own batch, x (M, B, *input_shape),
         y (M, B), by autograd, for every parameter (as `params`); BatchNorm's running statistics
-        are updated on the way."""
+        are updated on the way (and counted: `steps`)."""
         logits = self.logits(x)
+        self.steps += 1
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
         # The sum over models of each model's mean loss: model m's gradient is its own.
         return list(torch.autograd.grad(losses.reshape(len(self.specs), -1).mean(1).sum(), self.params))
@@ -132,18 +133,10 @@ class _Stack:
         definition as `zoo.evaluation.evaluate` (batches of `batch_size` or fewer, each batch's
         summed loss added in double precision), computed for all models at once. A model loaded
         from the store reproduces these numbers to float rounding (about 1e-7 relative)."""
-        device = self.params[0].device
-        n_models = len(self.specs)
         # bound the activations held at once (M x batch x widest feature map) to ~64 MB
         widest = max(p.shape[1 if p.dim() == 2 else 1] for p in self.params if p.dim() >= 2) * max(1, math.prod(x.shape[2:]))
-        chunk = max(1, min(batch_size, (1 << 24) // (n_models * widest)))
-        losses, correct = torch.zeros(n_models, dtype=torch.float64, device=device), torch.zeros(n_models, dtype=torch.int64, device=device)
-        for start in range(0, len(x), chunk):
-            logits = self.logits(x[start : start + chunk].to(device), training=False)
-            target = y[start : start + chunk].to(device).expand(n_models, -1)
-            losses += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1).double()
-            correct += (logits.argmax(2) == target).sum(1)
-        return [(float(loss) / len(x), int(c) / len(x)) for loss, c in zip(losses.cpu(), correct.cpu())]
+        chunk = max(1, min(batch_size, (1 << 24) // (len(self.specs) * widest)))
+        return _scores(lambda xs: self.logits(xs, training=False), x, y, chunk, len(self.specs), self.params[0].device)
 
     @torch.no_grad()
     def module(self, m: int) -> nn.Module:
@@ -202,9 +195,10 @@ class _MLPStack:
             self.params += [weight.to(device).contiguous(), bias.to(device).contiguous()]
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """The gradient of each model's mean cross-entropy on its own batch, x (M, B, in), y (M, B),
-        for every parameter (as `params`)."""
+        """The gradient of each model's mean cross-entropy on its own batch, x (M, B, *input_shape),
+        y (M, B), for every parameter (as `params`)."""
         n_models, batch = y.shape
+        x = x.reshape(n_models, batch, -1)  # (the Flatten)
         h, hidden = x, []
         for layer in range(len(self.linears)):
             weight, bias = self.params[2 * layer], self.params[2 * layer + 1]
@@ -237,18 +231,7 @@ class _MLPStack:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[float, float]]:
         """As `_Stack.evaluate`: every model's (mean cross-entropy, accuracy) on one split."""
-        device = self.params[0].device
-        n_models = len(self.specs)
-        losses = torch.zeros(n_models, dtype=torch.float64, device=device)
-        correct = torch.zeros(n_models, dtype=torch.int64, device=device)
-        chunk = min(batch_size, self.EVAL_CHUNK)
-        for start in range(0, len(x), chunk):
-            logits = self.logits(x[start : start + chunk].to(device))
-            target = y[start : start + chunk].to(device).expand(n_models, -1)
-            picked = logits.gather(2, target[:, :, None])[:, :, 0]
-            losses += (torch.logsumexp(logits, 2) - picked).sum(1).double()
-            correct += (logits.argmax(2) == target).sum(1)
-        return [(float(loss) / len(x), int(c) / len(x)) for loss, c in zip(losses.cpu(), correct.cpu())]
+        return _scores(self.logits, x, y, min(batch_size, self.EVAL_CHUNK), len(self.specs), self.params[0].device)
 
     @torch.no_grad()
     def module(self, m: int) -> nn.Module:
@@ -258,6 +241,20 @@ class _MLPStack:
             model[k].weight.copy_(self.params[2 * layer][m, :, : model[k].out_features].T)
             model[k].bias.copy_(self.params[2 * layer + 1][m, 0, : model[k].out_features])
         return model
+
+
+def _scores(logits_of, x: torch.Tensor, y: torch.Tensor, chunk: int, n_models: int, device) -> list[tuple[float, float]]:
+    """Every model's (mean cross-entropy, accuracy) on (x, y), from `logits_of` (a chunk of
+    shared inputs -> (M, chunk, classes)), `chunk` samples at a time, each chunk's summed loss
+    added in double precision (as `zoo.evaluation.evaluate` adds its batches); read back once."""
+    losses = torch.zeros(n_models, dtype=torch.float64, device=device)
+    correct = torch.zeros(n_models, dtype=torch.int64, device=device)
+    for start in range(0, len(x), chunk):
+        logits = logits_of(x[start : start + chunk].to(device))
+        target = y[start : start + chunk].to(device).expand(n_models, -1)
+        losses += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1).double()
+        correct += (logits.argmax(2) == target).sum(1)
+    return [(float(loss) / len(x), int(c) / len(x)) for loss, c in zip(losses.cpu(), correct.cpu())]
 
 
 def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str | None = None) -> list[TrainedModel]:
@@ -309,15 +306,11 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
             x = x_train[idx]  # (M, B, *input_shape)
             if t.augmentation == "flip-crop":  # each model's own stream, drawn as the reference path draws it
                 x = torch.stack([augment(x[m], t.crop_padding, augmentations[m]) for m in range(n_models)])
-            if isinstance(stack, _MLPStack):
-                x = x.reshape(n_models, size, -1)
             grads = stack.gradients(x, y_train[idx])
             with torch.no_grad():
                 for k, (p, g) in enumerate(zip(stack.params, grads)):
                     buffers[k] = _sgd_step(p, g, buffers[k], lrs[step_count], momenta[step_count], decay, t.nesterov)
             step_count += 1
-        if isinstance(stack, _Stack):
-            stack.steps = step_count
         record(epoch)
     seconds = (time.perf_counter() - start) / n_models
     index = tensor_index(stack.references[0])
