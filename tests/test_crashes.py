@@ -17,6 +17,7 @@ import time
 import pytest
 
 import zoo
+import zoo.integrity
 from zoo.storage import Store
 from zoo.verify import verify
 
@@ -172,3 +173,42 @@ def _reset(root, reference, stage) -> None:
     drop = {"metrics": ["metrics", "layer_metrics", "densities", "pair_metrics"], "bench": ["benchmark_results"]}[stage]
     for table in drop:
         shutil.rmtree(root / "tables" / table / "smoke", ignore_errors=True)
+
+
+# A child that runs `zoo generate smoke` and kills itself with SIGKILL at the moment a curves
+# file is to be renamed into place: after its checksum is on record, before the file is there.
+CUT_SHORT = r"""
+import os, signal, sys
+import zoo.cli
+real, where = os.replace, sys.argv[1]
+def replace(src, dst, *args, **kwargs):
+    src, dst = str(src), str(dst)
+    part = "/tables/curves/smoke/" in dst and not os.path.basename(dst).startswith("pack-")
+    pending = "/tables/curves/smoke/" in dst and src.endswith(".pending")
+    if (where == "part" and part) or (where == "pack" and pending):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *args, **kwargs)
+os.replace = replace
+sys.exit(zoo.cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["part", "pack"])
+def test_a_kill_between_recording_a_checksum_and_the_rename_is_no_damage(where, smoke_root, tmp_path):
+    root = tmp_path / "root"
+    env = dict(os.environ, PYTHONPATH=str(REPO), ZOO_JOBS_DIR=str(tmp_path / "jobs"))
+    args = ["generate", "smoke", "--executor", "debug", "--no-progress", "--root", str(root)]
+    killed = subprocess.run([sys.executable, "-c", CUT_SHORT, where, *args], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    folder = root / "tables" / "curves" / "smoke"
+    on_record = json.loads(json.dumps(sorted(zoo.integrity.recorded(folder))))
+    gone = [n for n in on_record if not (folder / n).exists()]
+    gone = [n for n in gone if n.startswith("pack-")] if where == "pack" else gone  # (not the parts it replaces)
+    assert len(gone) == 1 and gone[0].startswith("pack-") == (where == "pack")  # the cut-short rename
+    report = verify(Store(root), repair=False)
+    assert report.intact, [f"{d.path}: {d.problem}" for d in report.damaged]
+    run(root, args[:-2], tmp_path)  # the rerun completes the zoo, the same bits as a clean run
+    assert fingerprint(root) == fingerprint(smoke_root)
+    assert all((folder / n).is_file() for n in zoo.integrity.recorded(folder))  # no stale record left
+    assert not [p for p in root.rglob("*.tmp")]
+    assert verify(Store(root)).intact

@@ -53,6 +53,11 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+def temporary_name_of(name: str) -> bool:
+    """Whether `name` is a temporary name `temporary_name` makes."""
+    return _TEMPORARY.match(name) is not None
+
+
 def write_error(path: Path, e: Exception) -> StorageError:
     """The one-line error for a write that failed (full disk, read-only root, ...)."""
     code = getattr(e, "errno", None)

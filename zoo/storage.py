@@ -354,9 +354,9 @@ class Store:
         for table_dir in (self.root / "tables").iterdir():
             removed += sweep_temporary(table_dir)
             for folder in _zoo_folders(table_dir, zoo):
+                if table_dir.name in PACKED_TABLES:  # first: a record of a commit cut short goes
+                    compact_manifest(folder)  # before the temporary file that explains it
                 removed += sweep_temporary(folder)
-                if table_dir.name in PACKED_TABLES:
-                    compact_manifest(folder)
         return removed
 
     def filesystem(self) -> RootFileSystem:

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .integrity import QUARANTINE, Damage, Verification, check_file, quarantine, recorded, temporary_name, write_error
+from .integrity import (QUARANTINE, Damage, Verification, check_file, digest, quarantine, recorded, temporary_name,
+                        temporary_name_of, write_error)
 from .packing import MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING
 from .storage import INDEX_FILE, RESUME_DIR, Store, is_safe_name
 
@@ -133,18 +134,23 @@ def _check_tables(root: Path, zoo: str | None, report: Verification) -> list[tup
                 if problem is not None:
                     found.append((path, problem))
             if folder != table_dir and table_dir.name in PACKED_TABLES:
-                found += [(folder / name, MISSING) for name in _missing(folder, records.keys() - names, names)]
+                found += [(folder / name, MISSING) for name in _missing(folder, records.keys() - names, names, records)]
     return found
 
 
-def _missing(folder: Path, gone: set[str], names: set[str]) -> list[str]:
+def _missing(folder: Path, gone: set[str], names: set[str], records: dict) -> list[str]:
     """The names a packed table's manifest lists that are truly missing. Those manifests are
     compacted at the end of every writing command, so a listed file is there unless someone
-    removed it, or a crash kept the record of a file removed on purpose: a part whose rows a pack
-    now holds, a pending pack renamed into place, matrices whose pack was never written."""
+    removed it, or a crash kept the record of a file removed on purpose (a part whose rows a pack
+    now holds, a pending pack renamed into place, matrices whose pack was never written) or of a
+    file that never came into place: a writer killed between recording a checksum and renaming
+    its file (`integrity.commit`, `integrity.rename`) leaves the file, with that very checksum,
+    under its temporary or pending name."""
     members: set[str] | None = None
     lost = []
     for name in sorted(n for n in gone if n.endswith(DATA_SUFFIXES) and not n.startswith(".")):
+        if _cut_short(folder, name, names, records[name]):
+            continue
         if name.endswith(PENDING):
             missing = name[: -len(PENDING)] not in names
         elif name.endswith(MATRIX_SUFFIX):
@@ -157,6 +163,21 @@ def _missing(folder: Path, gone: set[str], names: set[str]) -> list[str]:
         if missing:
             lost.append(name)
     return lost
+
+
+def _cut_short(folder: Path, name: str, names: set[str], on_record: set[tuple[str, int]]) -> bool:
+    """Whether `name`'s record is that of a commit or a rename cut short: a file under its
+    temporary name (or, for a pack, its pending one) has the recorded size and checksum."""
+    candidates = [n for n in names if n.startswith(f".{name}.") and temporary_name_of(n)]
+    if name.startswith(PACK_PREFIX) and name + PENDING in names:
+        candidates.append(name + PENDING)
+    sizes = {size for _, size in on_record}
+    for candidate in candidates:
+        path = folder / candidate
+        with contextlib.suppress(OSError):
+            if path.stat().st_size in sizes and digest(path) in on_record:
+                return True
+    return False
 
 
 def _pack_members(folder: Path, names: set[str]) -> set[str]:
