@@ -8,7 +8,7 @@ zoo, phase by phase, with a leaderboard.
 Importing the package registers the built-in methods and protocols.
 """
 
-from . import generation, merging, prediction, pruning  # noqa: F401  (they register themselves)
+from . import deepsets, generation, merging, prediction, probing, pruning  # noqa: F401  (they register themselves)
 from .leaderboard import leaderboard, render
 from .registry import METHODS, PROTOCOLS, Parameters, register_method, register_protocol
 from .runner import run_task

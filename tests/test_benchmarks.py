@@ -309,6 +309,23 @@ def test_weight_dataset_yields_weights_properties_and_function_preserving_permut
     assert torch.allclose(with_state(model, state)(x), model(x), atol=1e-5)
 
 
+def test_weight_dataset_permutations_differ_across_dataloader_workers_and_epochs(smoke_root):
+    from torch.utils.data import DataLoader
+
+    from zoo.population import WeightDataset
+
+    z = zoo.open(smoke_root)
+    query = "SELECT model_id FROM models WHERE zoo = 'smoke' AND load = 32 ORDER BY temperature, seed"
+    data = WeightDataset(z, [z.sql(query)["model_id"][0]] * 1, permute=True, seed=0)
+    data.matrix = data.matrix.repeat(4, 1)  # one model four times: only the permutations differ
+    data._items = data._items * 4
+    loader = DataLoader(data, batch_size=1, num_workers=2)
+    seen = [tuple(item["weights"][0].tolist()) for _ in range(2) for item in loader]
+    assert len(seen) == 8 and len(set(seen)) == 8  # (the parent's generator copied: 2 distinct)
+    with pytest.raises(ZooError, match="different parameter counts"):
+        WeightDataset(z, "SELECT model_id FROM models WHERE zoo = 'smoke'")
+
+
 def test_property_features_match_the_weightspace_statistics(smoke_root):
     from benchmarks.prediction import weight_features
     from metrics.weightspace import layer_statistics
