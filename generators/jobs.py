@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import traceback
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import submitit
@@ -25,6 +26,8 @@ from zoo.rows import write_failure, write_model
 from zoo.storage import Store
 
 from .plan import group_into_stacks, shape_key, stack_key
+
+STORE_THREADS = 4  # models written at once after a stack trains
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,17 @@ def train_and_store(root: str, items: Sequence[TrainingItem | str], threads: int
                 else:  # the reference path saves its state now and then, and resumes from it
                     results = [train(group[0], data, resume=store.resume_path(group[0].zoo, group[0].model_id))]
                 stored = store.stored_ids("models", group[0].zoo)  # another run may have stored some meanwhile
+                new = [t for t in results if t.spec.model_id in wanted and t.spec.model_id not in stored]
+                # in threads: a model's four parts cost ~10 fsyncs, which wait on the disk, not the
+                # CPU (32 models: 0.65-0.8 s with 4-8 threads against 1.1-1.3 s one by one, here)
+                with ThreadPoolExecutor(STORE_THREADS) as pool:
+                    list(pool.map(lambda trained: write_model(store, trained, zoo.code_version()), new))
+                for trained in new:
+                    report.trained.append(trained.spec.model_id)
+                    if trained.resumed_from is not None:
+                        report.resumed[trained.spec.model_id] = trained.resumed_from
                 for trained in results:
-                    model_id = trained.spec.model_id
-                    if model_id in wanted and model_id not in stored:
-                        write_model(store, trained, zoo.code_version())
-                        report.trained.append(model_id)
-                        if trained.resumed_from is not None:
-                            report.resumed[model_id] = trained.resumed_from
-                    store.resume_path(trained.spec.zoo, model_id).unlink(missing_ok=True)
+                    store.resume_path(trained.spec.zoo, trained.spec.model_id).unlink(missing_ok=True)
             except StorageError:
                 raise  # a full disk or a read-only root: no other model can be stored either
             except Exception as e:

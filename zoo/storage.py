@@ -28,11 +28,10 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import StorageError, ZooError, one_line
@@ -44,6 +43,10 @@ from .locks import exclusive_lock, shared_lock
 from .rootfs import RootFileSystem, entries
 from .schemas import SCHEMA_VERSION, SCHEMAS
 from .weights import sha256
+
+if TYPE_CHECKING:  # (imported where used: a training job needs neither, and they cost it ~0.15 s)
+    import duckdb
+    import pyarrow.compute as pc
 
 INDEX_FILE = "zoo.duckdb"
 # zoo.duckdb's record of the root it was written for, one row: a table in a schema of its own, so
@@ -223,6 +226,7 @@ class Store:
             return self._read_model_rows(table, zoo, model_ids, columns, filter)
 
     def _read_model_rows(self, table, zoo, model_ids, columns, filter) -> pa.Table:
+        import pyarrow.compute as pc
         import pyarrow.dataset as ds  # here: it imports pandas, half a second of every job's start-up
 
         folder = self.zoo_dir(table, zoo)
@@ -260,6 +264,8 @@ class Store:
             return self._read_weights(zoo, model_ids, epoch)
 
     def _read_weights(self, zoo: str, model_ids: list[str], epoch: int) -> tuple[np.ndarray | None, list[str]]:
+        import pyarrow.compute as pc
+
         folder = self.zoo_dir("checkpoints", zoo)
         wanted = set(model_ids)
         blocks: list[tuple[list[str], np.ndarray]] = []
@@ -372,6 +378,8 @@ class Store:
     def create_views(self, con: duckdb.DuckDBPyConnection, base: str | None = None) -> None:
         """One view per table; `base` defaults to the root's absolute path, its glob characters
         escaped (a root named `r[o]ot` must not read the files of a sibling `root`)."""
+        import duckdb
+
         if base is None:
             base = re.sub(r"([*?\[\]])", r"[\1]", f"{self.root}/")
         present = self.tables()
@@ -392,6 +400,7 @@ class Store:
 
         Written under a temporary name and renamed, so concurrent writers never collide on
         DuckDB's file lock and readers never see a half-written index."""
+        import duckdb
         from . import __version__
 
         path = self.root / INDEX_FILE
@@ -435,6 +444,8 @@ class Store:
     def _index_record(self) -> tuple[str, str | None]:
         """("missing", None), ("in use", None), or ("read", the recorded root or None), read
         through a read-only connection that neither fetches nor loads anything; raises nothing."""
+        import duckdb
+
         path = self.root / INDEX_FILE
         try:
             if not path.is_file():
