@@ -1,21 +1,18 @@
 """`probing`: predict a model's properties from its outputs on fixed probe inputs, without
 reading a weight.
 
-Every model sees the same `n_probes` inputs, drawn once with a generator seeded by the method's
-seed: `probes: data` takes training inputs of the zoo's data set at random (their labels are
-never read: the head learns from the outputs alone), `probes: gaussian` draws from a Gaussian
-with the per-feature mean and standard deviation of the training inputs. The model's logits on
-them, flattened, are standardised and fed to a small MLP head (two hidden layers, the `statnn`
-head). ProbeX (2025) learns its probes; these are random, the simpler baseline of the probing
-family.
+Every model sees the same `n_probes` inputs, drawn once, when the head is fitted, from the
+training inputs of the first training row's data set, with a generator seeded by the method's
+seed: `probes: data` takes training inputs at random (their labels are never read),
+`probes: gaussian` draws from a Gaussian with their per-feature mean and standard deviation.
+ProbeX (2025) learns its probes; these are random, the simpler baseline of the probing family.
 
-The outputs enter as probabilities (softmax over the classes), not logits: a model's accuracy
-is then close to a linear function of them (the probability it gives each probe's usual class,
-which the head finds from the training models, never from a label), so the default head is
-linear: ridge regression with its penalty chosen by leave-one-out cross-validation
-(`RidgeCV`), or logistic regression for the phase. `head: mlp` puts the `statnn` MLP there
-instead. On digits-mlp (3 splits by model) the linear head gave R^2 0.95-0.96 for test
-accuracy where an MLP on logits gave 0.65-0.82.
+The model's outputs on the probes enter as class probabilities (softmax), not logits: a model's
+accuracy is then close to a linear function of them (the probability it gives each probe's
+usual class, which the head finds from the training models, never from a label). So the
+default head is linear: ridge regression on the standardised probabilities with its penalty
+chosen by leave-one-out cross-validation (`RidgeCV`), or logistic regression for the phase.
+`head: mlp` puts the `statnn` MLP there instead.
 """
 
 from __future__ import annotations
@@ -44,28 +41,26 @@ class ProbeOutputs(BaseEstimator, TransformerMixin):
         self.n_probes, self.probes, self.seed = n_probes, probes, seed
 
     def fit(self, inputs: ModelInputs, y=None) -> ProbeOutputs:
+        """Draw the probes, once, from the training inputs of the first row's data set (every
+        row then sees the same inputs, also where the zoo's models saw different training sets,
+        as teacher-student's do)."""
+        source = inputs.handle.spec(inputs.model_ids[0]).dataset
+        x = inputs.handle.data(inputs.model_ids[0]).x_train.float()
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.probes == "data":
+            self.probes_ = x[torch.randperm(len(x), generator=generator)[: self.n_probes]]
+        else:
+            noise = torch.randn((self.n_probes, *x.shape[1:]), generator=generator)
+            self.probes_ = x.mean(0) + noise * x.std(0, correction=0)
+        self.key_ = f"probing-{self.probes}-{self.n_probes}-{self.seed}-{json.dumps(source, sort_keys=True)}"
         return self
 
     def transform(self, inputs: ModelInputs) -> np.ndarray:
-        probes: dict[str, torch.Tensor] = {}
-
         def compute(i: int, state) -> np.ndarray:
-            model = inputs.network(i, state)
-            key = json.dumps(inputs.handle.spec(inputs.model_ids[i]).dataset, sort_keys=True)
-            if key not in probes:
-                probes[key] = self._probes(inputs, i)
             with torch.no_grad():
-                return torch.softmax(model(probes[key]).double(), 1).reshape(-1).numpy()
+                return torch.softmax(inputs.network(i, state)(self.probes_).double(), 1).reshape(-1).numpy()
 
-        return np.stack(inputs.per_row(f"probing-{self.probes}-{self.n_probes}-{self.seed}", compute))
-
-    def _probes(self, inputs: ModelInputs, i: int) -> torch.Tensor:
-        x = inputs.handle.data(inputs.model_ids[i]).x_train.float()
-        generator = torch.Generator().manual_seed(self.seed)
-        if self.probes == "data":
-            return x[torch.randperm(len(x), generator=generator)[: self.n_probes]]
-        noise = torch.randn((self.n_probes, *x.shape[1:]), generator=generator)
-        return x.mean(0) + noise * x.std(0, correction=0)
+        return np.stack(inputs.per_row(self.key_, compute))
 
 
 class ProbingParameters(Parameters):

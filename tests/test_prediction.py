@@ -113,8 +113,8 @@ def test_a_permutation_of_the_weights_permutes_the_rows_of_each_unit_set(smoke):
 def test_probing_reads_the_models_class_probabilities_on_training_inputs(smoke):
     z, ids = smoke
     inputs, _ = inputs_of(z, ids)
-    features = ProbeOutputs(n_probes=5, probes="data", seed=4).transform(inputs)
-    x = z.data(ids[2]).x_train.float()
+    features = ProbeOutputs(n_probes=5, probes="data", seed=4).fit(inputs.take(np.array([3, 4]))).transform(inputs)
+    x = z.data(ids[3]).x_train.float()  # (the probes come from the first fitted row's training inputs)
     chosen = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))[:5]
     with torch.no_grad():
         expected = torch.softmax(z.load_model(ids[2])(x[chosen]).double(), 1).reshape(-1).numpy()
