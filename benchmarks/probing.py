@@ -10,7 +10,7 @@ ProbeX (2025) learns its probes; these are random, the simpler baseline of the p
 The model's outputs on the probes enter as class probabilities (softmax), not logits: a model's
 accuracy is then close to a linear function of them (the probability it gives each probe's
 usual class, which the head finds from the training models, never from a label). So the
-default head is linear: ridge regression on the standardised probabilities with its penalty
+default head is linear: ridge regression on the probabilities with its penalty
 chosen by leave-one-out cross-validation (`RidgeCV`), or logistic regression for the phase.
 `head: mlp` puts the `statnn` MLP there instead.
 """
@@ -76,10 +76,12 @@ class ProbingParameters(Parameters):
 def probing(kind: str, p: ProbingParameters, seed: int):
     """A head on the model's class probabilities on probe inputs (no weights read)."""
     if p.head == "linear":
-        head = (RidgeCV(alphas=np.logspace(-3, 3, 13)) if kind == "regression"
+        head = (RidgeCV(alphas=np.logspace(-6, 3, 19)) if kind == "regression"
                 else LogisticRegression(max_iter=3000, random_state=seed))
     else:
         options = dict(hidden_layer_sizes=(p.hidden, p.hidden), alpha=p.alpha, max_iter=p.max_iter, random_state=seed)
         head = (TransformedTargetRegressor(MLPRegressor(**options), transformer=StandardScaler()) if kind == "regression"
                 else MLPClassifier(**options))
-    return make_pipeline(ProbeOutputs(p.n_probes, p.probes, seed), StandardScaler(), head)
+    # (no standardising: probabilities share one scale, and a probe every training model is sure
+    # of has a near-zero spread, which scaling would turn into huge values for an unsure test model)
+    return make_pipeline(ProbeOutputs(p.n_probes, p.probes, seed), head)
