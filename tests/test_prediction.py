@@ -154,3 +154,20 @@ def test_several_checkpoints_add_the_epoch_target(smoke):
     scores = {r["metric"]: r["value"] for r in rows if r["phase"] == "all"}
     assert scores["n_test"] == 4 and "r2_epoch" in scores  # 2 models x 2 checkpoints held out
     assert "r2_epoch" not in {r["metric"] for r in predict_properties(Unit(z, ids), Call("linear"), PredictionSettings())}
+
+
+def test_deepsets_unit_sets_of_a_batchnorm_cnn_follow_its_channel_permutations():
+    """The same invariance for convolutions: a channel carries its kernels, BatchNorm entries and
+    (after Flatten) its block of the classifier's columns."""
+    from zoo.architectures import build_model
+
+    model = build_model({"name": "cnn", "width": 4, "depth": 2, "batchnorm": True}, (1, 8, 8), 10, seed=0)
+    spec = permutation_spec(model)
+    state = {k: v + 0.01 * torch.randn(v.shape) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    names = {n for n, _ in model.named_parameters()}
+    perms = random_permutations(spec, torch.Generator().manual_seed(5))
+    sets, fixed = unit_sets(state, names, spec)
+    moved_sets, moved_fixed = unit_sets(permute_state(state, spec, perms), names, spec)
+    assert len(sets) == len(spec) >= 2 and torch.equal(fixed, moved_fixed)
+    for rows, moved, perm, group in zip(sets, moved_sets, perms, spec):
+        assert rows.shape[0] == group.size and torch.allclose(rows[perm], moved, atol=1e-6)
