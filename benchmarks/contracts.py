@@ -76,11 +76,14 @@ PredictionKind = Literal["regression", "classification"]
 
 
 class Estimator(typing.Protocol):
-    """What a prediction method returns: a scikit-learn style estimator."""
+    """What a prediction method returns: a scikit-learn style estimator. `x` is the rows'
+    `benchmarks.prediction.ModelInputs` (their weight statistics, and their state dicts and
+    networks on demand); `prediction.on_statistics(...)` makes a pipeline that reads the
+    statistics."""
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> Estimator: ...
+    def fit(self, x: typing.Any, y: np.ndarray) -> Estimator: ...
 
-    def predict(self, x: np.ndarray) -> np.ndarray: ...
+    def predict(self, x: typing.Any) -> np.ndarray: ...
 
 
 # {metric: value}, or rows {"metric", "value"[, "phase"]}
