@@ -203,8 +203,11 @@ def test_a_kill_between_recording_a_checksum_and_the_rename_is_no_damage(where, 
     folder = root / "tables" / "curves" / "smoke"
     on_record = json.loads(json.dumps(sorted(zoo.integrity.recorded(folder))))
     gone = [n for n in on_record if not (folder / n).exists()]
-    gone = [n for n in gone if n.startswith("pack-")] if where == "pack" else gone  # (not the parts it replaces)
-    assert len(gone) == 1 and gone[0].startswith("pack-") == (where == "pack")  # the cut-short rename
+    if where == "pack":  # one pending pack cut short (not the parts it replaces)
+        gone = [n for n in gone if n.startswith("pack-")]
+        assert len(gone) == 1
+    else:  # one commit cut short, or more: a job stores a stack's models in threads
+        assert 1 <= len(gone) and not any(n.startswith("pack-") for n in gone)
     report = verify(Store(root), repair=False)
     assert report.intact, [f"{d.path}: {d.problem}" for d in report.damaged]
     run(root, args[:-2], tmp_path)  # the rerun completes the zoo, the same bits as a clean run
