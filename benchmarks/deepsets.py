@@ -132,17 +132,24 @@ class DeepSetsEstimator:
         fixed = torch.stack([r[1] for r in rows])
         self.fixed_mean, self.fixed_std = fixed.mean(0), fixed.std(0, correction=0).clamp_min(1e-8)
 
-    def _batch(self, rows, order=None, generator=None):
+    def _standardised(self, rows) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """`rows` on the training rows' scale (once per fit or predict, not once per step)."""
+        return [([(x - m) / s for x, m, s in zip(sets, self.set_mean, self.set_std)],
+                 (fixed - self.fixed_mean) / self.fixed_std) for sets, fixed in rows]
+
+    @staticmethod
+    def _batch(rows, generator=None):
+        """Standardised rows as the network's input: per layer, all units stacked with their
+        owners and counts."""
         sets = []
         for k in range(len(rows[0][0])):
-            parts = [(r[0][k] - self.set_mean[k]) / self.set_std[k] for r in rows]
+            parts = [r[0][k] for r in rows]
             if generator is not None:  # permutation augmentation: a fresh order of every model's units
                 parts = [x[torch.randperm(len(x), generator=generator)] for x in parts]
             counts = torch.tensor([len(x) for x in parts], dtype=torch.float32)
             owner = torch.repeat_interleave(torch.arange(len(parts)), counts.long())
             sets.append((torch.cat(parts), owner, counts))
-        fixed = (torch.stack([r[1] for r in rows]) - self.fixed_mean) / self.fixed_std
-        return sets, fixed
+        return sets, torch.stack([r[1] for r in rows])
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -151,6 +158,7 @@ class DeepSetsEstimator:
         generator = torch.Generator().manual_seed(self.seed)
         rows = self.rows(inputs)
         self._standardise(rows)
+        rows = self._standardised(rows)
         if self.kind == "regression":
             y = np.asarray(y, np.float64)
             self.y_mean, self.y_std = float(y.mean()), float(y.std()) or 1.0
@@ -177,7 +185,7 @@ class DeepSetsEstimator:
 
     def predict(self, inputs: ModelInputs) -> np.ndarray:
         with torch.no_grad():
-            out = self.net(*self._batch(self.rows(inputs)))
+            out = self.net(*self._batch(self._standardised(self.rows(inputs))))
         if self.kind == "regression":
             return out[:, 0].double().numpy() * self.y_std + self.y_mean
         return self.classes_[out.argmax(1).numpy()]
