@@ -1,10 +1,12 @@
 """The job function: train a list of models and store each one. Safe to run twice.
 
-A job skips every model already stored, stores each model the moment it is trained (so a killed
-job loses at most the model in progress, and of that only the epochs since its last saved state:
-`resume.py`), and records a failure instead of raising, so one bad
-model never takes the rest of its job down. Because part files are named by model id and
-replaced atomically, a job that runs twice (a requeue, two runs at once) never duplicates rows.
+A job skips every model already stored, stores each group the moment it is trained (a stack as
+one pack per table, a single model as per-model parts; so a killed job loses at most the group in
+progress, and of a single model only the epochs since its last saved state: `resume.py`), and
+records a failure instead of raising, so one bad model never takes the rest of its job down.
+Because part files are named by model id and replaced atomically, and packs are written under the
+packer's lock after a last look at what is stored, a job that runs twice (a requeue, two runs at
+once) never duplicates rows.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import submitit
@@ -22,12 +24,12 @@ from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.errors import StorageError
 from zoo.launch import current_job_id
-from zoo.rows import write_failure, write_model
+from zoo.rows import TrainedModel, write_failure, write_model, write_models
 from zoo.storage import Store
 
 from .plan import group_into_stacks, shape_key, stack_key
 
-STORE_THREADS = 4  # models written at once after a stack trains
+STORE_THREADS = 4  # models written at once, while the next stack trains
 
 
 @dataclass(frozen=True)
@@ -86,46 +88,82 @@ def train_and_store(root: str, items: Sequence[TrainingItem | str], threads: int
         job_id = current_job_id()
         queue = [TrainingItem.from_json(item) if isinstance(item, str) else item for item in items]  # text: parsed once
         version = zoo.code_version()  # (two git calls: once per job, not once per model)
-        while queue:
-            item = queue.pop(0)
-            group = list(item.models)
-            stored = store.stored_ids("models", group[0].zoo)
-            wanted = [m for m in item.store if m not in stored]
-            report.skipped += [m for m in item.store if m not in wanted]
-            if not wanted:
-                continue
-            try:
-                data = load_dataset(group[0].dataset)
-                stacked = item.stacked and shape_key(group[0]) is not None
-                if stacked:
-                    results = train_stack(group, data)
-                else:  # the reference path saves its state now and then, and resumes from it
-                    results = [train(group[0], data, resume=store.resume_path(group[0].zoo, group[0].model_id))]
+        # A trained group's models are stored in a thread while the next group trains (a stack's
+        # as one pack per table, `write_models`; a single model as parts), so a job of several
+        # stacks waits for the disk once, at its end, instead of once per stack.
+        with ThreadPoolExecutor(STORE_THREADS) as writers:
+            storing: list[tuple[list[TrainedModel], Future]] = []
+            while queue:
+                for _, writing in storing:  # a full disk or a read-only root: no other model can be stored
+                    if writing.done() and isinstance(writing.exception(), StorageError):
+                        raise writing.exception()
+                item = queue.pop(0)
+                group = list(item.models)
+                stored = store.stored_ids("models", group[0].zoo)
+                wanted = [m for m in item.store if m not in stored]
+                report.skipped += [m for m in item.store if m not in wanted]
+                if not wanted:
+                    continue
+                try:
+                    data = load_dataset(group[0].dataset)
+                    stacked = item.stacked and shape_key(group[0]) is not None
+                    if stacked:
+                        results = train_stack(group, data)
+                    else:  # the reference path saves its state now and then, and resumes from it
+                        results = [train(group[0], data, resume=store.resume_path(group[0].zoo, group[0].model_id))]
+                except StorageError:
+                    raise  # a full disk or a read-only root: no other model can be stored either
+                except Exception as e:
+                    if len(group) > 1:
+                        queue[:0] = [replace(item, models=(spec,), store=(spec.model_id,))
+                                     for spec in group if spec.model_id in wanted]
+                        continue
+                    _fail(store, report, group[0], e, job_id)
+                    continue
                 stored = store.stored_ids("models", group[0].zoo)  # another run may have stored some meanwhile
                 new = [t for t in results if t.spec.model_id in wanted and t.spec.model_id not in stored]
-                # in threads: a model's four parts cost ~10 fsyncs, which wait on the disk, not the
-                # CPU (32 models: 0.65-0.8 s with 4-8 threads against 1.1-1.3 s one by one, here)
-                with ThreadPoolExecutor(STORE_THREADS) as pool:
-                    list(pool.map(lambda trained: write_model(store, trained, version), new))
-                for trained in new:
-                    report.trained.append(trained.spec.model_id)
-                    if trained.resumed_from is not None:
-                        report.resumed[trained.spec.model_id] = trained.resumed_from
+                storing.append((new, writers.submit(_store, store, new, version)))
+                kept = {t.spec.model_id for t in new}
                 for trained in results:
-                    store.resume_path(trained.spec.zoo, trained.spec.model_id).unlink(missing_ok=True)
-            except StorageError:
-                raise  # a full disk or a read-only root: no other model can be stored either
-            except Exception as e:
-                if len(group) > 1:
-                    queue[:0] = [replace(item, models=(spec,), store=(spec.model_id,))
-                                 for spec in group if spec.model_id in wanted]
+                    if trained.spec.model_id not in kept:  # (trained for its company's sake: nothing to keep)
+                        store.resume_path(trained.spec.zoo, trained.spec.model_id).unlink(missing_ok=True)
+            for new, writing in storing:
+                try:
+                    ids = set(writing.result())
+                except StorageError:
+                    raise
+                except Exception as e:
+                    for trained in new:
+                        _fail(store, report, trained.spec, e, job_id)
                     continue
-                message = f"{type(e).__name__}: {e}"
-                write_failure(store, group[0].zoo, group[0].model_id, message + "\n" + traceback.format_exc(), job_id)
-                report.failed[group[0].model_id] = message
+                report.trained += [t.spec.model_id for t in new if t.spec.model_id in ids]
+                report.skipped += [t.spec.model_id for t in new if t.spec.model_id not in ids]
+                report.resumed.update({t.spec.model_id: t.resumed_from for t in new
+                                       if t.spec.model_id in ids and t.resumed_from is not None})
         return report
     finally:
         torch.set_num_threads(previous)
+
+
+def _store(store: Store, models: list[TrainedModel], version: str) -> list[str]:
+    """Store trained models (several, a stack: one pack per table, which `Store.pack` merges with
+    the run's other small packs at its end; one: its parts), then drop the training states they
+    may have saved (`resume.py`); returns the ids stored."""
+    if len(models) > 1:
+        ids = write_models(store, models, version)
+    else:
+        for trained in models:
+            write_model(store, trained, version)
+        ids = [t.spec.model_id for t in models]
+    for trained in models:
+        store.resume_path(trained.spec.zoo, trained.spec.model_id).unlink(missing_ok=True)
+    return ids
+
+
+def _fail(store: Store, report: JobReport, spec: ModelSpec, e: Exception, job_id: str) -> None:
+    message = f"{type(e).__name__}: {e}"
+    write_failure(store, spec.zoo, spec.model_id, message + "\n" + traceback.format_exc(), job_id)
+    report.failed[spec.model_id] = message
 
 
 class TrainAndStore(submitit.helpers.Checkpointable):

@@ -36,7 +36,9 @@ class GenerateReport:
 
 
 def missing_models(config: ZooConfig, store: Store, models: list[ModelSpec] | None = None) -> list[ModelSpec]:
-    store.finish_packs(config.name)
+    with store.packing() as locked:  # (held by another packer: it finishes what is pending itself)
+        if locked:
+            store.finish_packs(config.name)
     stored = store.stored_ids("models", config.name)
     return [spec for spec in (config.models() if models is None else models) if spec.model_id not in stored]
 

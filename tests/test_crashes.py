@@ -185,7 +185,8 @@ def replace(src, dst, *args, **kwargs):
     src, dst = str(src), str(dst)
     part = "/tables/curves/smoke/" in dst and not os.path.basename(dst).startswith("pack-")
     pending = "/tables/curves/smoke/" in dst and src.endswith(".pending")
-    if (where == "part" and part) or (where == "pack" and pending):
+    commit = "/tables/models/smoke/" in dst and dst.endswith(".pending")  # a stack's models pack, written
+    if (where == "part" and part) or (where == "pack" and pending) or (where == "commit" and commit):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst, *args, **kwargs)
 os.replace = replace
@@ -193,25 +194,40 @@ sys.exit(zoo.cli.main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("where", ["part", "pack"])
+@pytest.mark.parametrize("where", ["part", "pack", "commit"])
 def test_a_kill_between_recording_a_checksum_and_the_rename_is_no_damage(where, smoke_root, tmp_path):
+    """`part`: a model's part (the reference path, `--no-stack`) recorded but not renamed; `pack`:
+    a stack's pending pack recorded but not put in place; `commit`: a stack killed after writing
+    its checkpoint, curve and tensor packs (pending) but before its `models` pack."""
     root = tmp_path / "root"
     env = dict(os.environ, PYTHONPATH=str(REPO), ZOO_JOBS_DIR=str(tmp_path / "jobs"))
-    args = ["generate", "smoke", "--executor", "debug", "--no-progress", "--root", str(root)]
+    args = ["generate", "smoke", "--executor", "debug", "--no-progress", *(["--no-stack"] if where == "part" else []),
+            "--root", str(root)]
     killed = subprocess.run([sys.executable, "-c", CUT_SHORT, where, *args], env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     folder = root / "tables" / "curves" / "smoke"
     on_record = json.loads(json.dumps(sorted(zoo.integrity.recorded(folder))))
-    gone = [n for n in on_record if not (folder / n).exists()]
+    gone = [n for n in on_record if not (folder / n).exists() and not n.endswith(".pending")]
     if where == "pack":  # one pending pack cut short (not the parts it replaces)
-        gone = [n for n in gone if n.startswith("pack-")]
-        assert len(gone) == 1
-    else:  # one commit cut short, or more: a job stores a stack's models in threads
+        assert len([n for n in gone if n.startswith("pack-")]) == 1
+    elif where == "part":  # one commit cut short, or more: a job stores models in threads
         assert 1 <= len(gone) and not any(n.startswith("pack-") for n in gone)
+    else:  # nothing cut short: a stack's packs pending, its models not stored
+        assert not gone and any(n.endswith(".pending") for n in os.listdir(folder))
+        assert len(Store(root).stored_ids("models", "smoke")) < 8
+        Store(root).recover()  # a reader's recovery removes the dead writer's packs, never puts them in place
+        assert not [p for p in root.rglob("*.pending")]
+        lost = zoo.open(root).sql("select count(*) n from checkpoints where model_id not in (select model_id from models)")
+        assert int(lost.n[0]) == 0
     report = verify(Store(root), repair=False)
     assert report.intact, [f"{d.path}: {d.problem}" for d in report.damaged]
     run(root, args[:-2], tmp_path)  # the rerun completes the zoo, the same bits as a clean run
-    assert fingerprint(root) == fingerprint(smoke_root)
+    if where == "part":  # (the reference path: a clean run of it is the reference)
+        run(tmp_path / "clean", args[:-2], tmp_path)
+        assert fingerprint(root) == fingerprint(tmp_path / "clean")
+    else:
+        assert fingerprint(root) == fingerprint(smoke_root)
+    assert not [p for p in root.rglob("*.pending")]
     assert all((folder / n).is_file() for n in zoo.integrity.recorded(folder))  # no stale record left
     assert not [p for p in root.rglob("*.tmp")]
     assert verify(Store(root)).intact

@@ -57,11 +57,12 @@ def test_kill_9_halfway_then_rerun_equals_an_uninterrupted_run(smoke_root, tmp_p
     proc = zoo_cli("generate", "smoke", "--root", str(root), "--workers", "1", "--models-per-job", "2",
                    "--jobs-dir", str(tmp_path / "jobs"))
     deadline = time.time() + 240
-    while time.time() < deadline and (not models.is_dir() or len(list(models.glob("*.parquet"))) < 2):
+    # (a stack of 2 is stored as one pack per table)
+    while time.time() < deadline and (not models.is_dir() or len(Store(root).stored_ids("models", "smoke")) < 2):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its running job
     proc.wait()
-    stored = len(list(models.glob("*.parquet")))
+    stored = len(Store(root).stored_ids("models", "smoke"))
     assert 2 <= stored < 8, f"the kill came at {stored} of 8 models"
     proc = zoo_cli("generate", "smoke", "--root", str(root), "--jobs-dir", str(tmp_path / "jobs"))
     out, err = proc.communicate(timeout=300)

@@ -91,12 +91,12 @@ def test_a_file_without_a_record_is_decoded_and_its_weight_hashes_checked(copy):
     changed in a re-encoded checkpoint file by the per-checkpoint sha256."""
     for manifest in (copy / "tables").rglob(MANIFEST):
         manifest.unlink()
-    [pack] = (copy / "tables" / "checkpoints" / "smoke").glob("pack-*.parquet")
+    pack = min((copy / "tables" / "checkpoints" / "smoke").glob("pack-*.parquet"))  # (one per trained stack)
     table = pq.read_table(pack)
     weights = table.column("weights").to_pylist()
     weights[5][3] += 1e-3
     pq.write_table(table.set_column(table.column_names.index("weights"), "weights", pa.array(weights, pa.list_(pa.float32()))), pack)
-    [curves] = (copy / "tables" / "curves" / "smoke").glob("pack-*.parquet")
+    curves = min((copy / "tables" / "curves" / "smoke").glob("pack-*.parquet"))
     os.truncate(curves, curves.stat().st_size - 9)
     report = verify(Store(copy), repair=False)
     problems = {d.path.parts[1]: d.problem for d in report.damaged}
@@ -109,8 +109,9 @@ def test_a_file_without_a_record_is_decoded_and_its_weight_hashes_checked(copy):
 def test_damaged_files_are_quarantined_the_rest_queryable_and_generate_restores_them(copy, smoke_root, tmp_path, capsys):
     rng = random.Random(3)
     folder = copy / "tables"
-    [ckpt] = (folder / "checkpoints" / "smoke").glob("pack-*.parquet")
-    [matrix] = (folder / "checkpoints" / "smoke").glob("pack-*.safetensors")
+    ckpt = min((folder / "checkpoints" / "smoke").glob("pack-*.parquet"))  # one trained stack's
+    matrix = ckpt.with_suffix(".safetensors")
+    held = len(set(pq.read_table(ckpt, columns=["model_id"]).column("model_id").to_pylist()))
     damage(ckpt, "truncate", rng)
     damage(matrix, "flip", rng)
     damage(folder / "cells" / "_empty.parquet", "append", rng)
@@ -122,14 +123,14 @@ def test_damaged_files_are_quarantined_the_rest_queryable_and_generate_restores_
         assert f"damaged  {path.relative_to(copy)}:" in out and "moved to quarantine/" in out
     assert not ckpt.exists() and not matrix.exists()
     assert check_file(folder / "cells" / "_empty.parquet", None, "cells") == (None, 0)  # written anew
-    assert "un-stored 8 models of smoke" in out
+    assert f"un-stored {held} models of smoke" in out and 0 < held < 8
     assert len(list((copy / "quarantine").rglob("*.parquet.*"))) == 3  # two damaged + the un-stored models pack
     z = zoo.open(copy)  # the rest is queryable
-    assert len(z.sql("select * from curves")) == 8 * 4 and z.sql("select count(*) n from models")["n"][0] == 0
+    assert len(z.sql("select * from curves")) == 8 * 4 and z.sql("select count(*) n from models")["n"][0] == 8 - held
     assert z.sql("select count(*) n from cells")["n"][0] == 0  # the base file is back
     report = generate(load_catalog(REPO / "catalog.yaml")["smoke"], Store(copy),
                       LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs"), progress=False)
-    assert report.trained == 8
+    assert report.trained == held
     assert fingerprint(copy) == fingerprint(smoke_root)  # the same bits, no duplicate rows
     assert len(zoo.open(copy).sql("select * from curves")) == 8 * 4
     assert main(["verify", "smoke", "--root", str(copy)]) == 0 and capsys.readouterr().out.strip().endswith("intact")

@@ -118,7 +118,8 @@ def test_nan_weights_give_nan_rows_and_a_warning(smoke_root, tmp_path):
     shutil.copytree(smoke_root, root)
     z = zoo.open(root)
     model_id = z.models()["model_id"][0]
-    [part] = Store(root).zoo_dir("checkpoints", "smoke").glob("pack-*.parquet")  # generate packed the zoo
+    [part] = [p for p in Store(root).zoo_dir("checkpoints", "smoke").glob("pack-*.parquet")  # (one per trained stack)
+              if model_id in pq.read_table(p, columns=["model_id"]).column("model_id").to_pylist()]
     table = pq.read_table(part)
     weights = [np.full(len(w), np.nan, dtype=np.float32) if m == model_id else w
                for m, w in zip(table.column("model_id").to_pylist(), table.column("weights").to_pylist())]

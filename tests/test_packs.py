@@ -13,9 +13,14 @@ import pytest
 import zoo
 from generators import jobs
 from generators.launcher import missing_models
+from generators.stacked import train_stack
+from zoo import packing
 from zoo.catalog import load_catalog
+from zoo.datasets import load_dataset
 from zoo.errors import ZooWarning
+from zoo.rows import write_model
 from zoo.storage import Store
+from zoo.verify import verify
 
 from .conftest import REPO
 from .test_generate import fingerprint
@@ -23,11 +28,16 @@ from .test_generate import fingerprint
 
 @pytest.fixture(scope="module")
 def unpacked(tmp_path_factory):
-    """The smoke zoo stored by jobs alone: one part per model and table, nothing packed."""
+    """The smoke zoo stored as one part per model and table, nothing packed (as a job stores
+    single models; a job stores a stack as packs), trained as `zoo generate` trains it."""
     root = tmp_path_factory.mktemp("unpacked")
     specs = load_catalog(REPO / "catalog.yaml")["smoke"].models()
-    jobs.train_and_store(str(root), jobs.work_items(specs, {s.model_id for s in specs}))
-    Store(root).write_index()
+    store = Store(root, create=True)
+    data = load_dataset(specs[0].dataset)
+    for item in jobs.work_items(specs, {s.model_id for s in specs}):
+        for trained in train_stack(list(item.models), data):
+            write_model(store, trained, zoo.code_version())
+    store.write_index()
     return root
 
 
@@ -92,6 +102,48 @@ def test_a_crash_while_packing_loses_nothing_and_the_next_run_finishes_it(unpack
     assert len(zoo.open(root).sql("select * from curves")) == 8 * 4
 
 
+def test_a_job_stores_each_stack_as_packs_and_small_packs_merge_safely(smoke_root, tmp_path, monkeypatch):
+    root = tmp_path / "r"
+    specs = load_catalog(REPO / "catalog.yaml")["smoke"].models()
+    report = jobs.train_and_store(str(root), jobs.work_items(specs, {s.model_id for s in specs}))
+    assert len(report.trained) == 8
+    store = Store(root)
+    for table in packing.PACKED_TABLES:  # 4 stacks of 2: one pack each, no part
+        assert len(parts(root, table)) == 4 and all(n.startswith("pack-") for n in parts(root, table))
+    store.write_index()
+    assert fingerprint(root) == fingerprint(smoke_root)
+    store.pack("smoke")
+    assert len(parts(root)) == 4  # fewer small packs than MERGE_FROM: left as they are
+    monkeypatch.setattr(packing, "MERGE_FROM", 2)
+    real, renamed = packing.rename, []
+
+    def rename(src, dst):  # die after the merged checkpoints pack is in place, before the rest
+        if renamed:
+            raise RuntimeError("killed")
+        renamed.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(packing, "rename", rename)
+    with pytest.raises(RuntimeError):
+        store.pack("smoke")
+    monkeypatch.setattr(packing, "rename", real)
+    assert parts(root) == [renamed[0].name]
+    assert len(parts(root, "curves")) == 1 and parts(root, "curves")[0].endswith(".pending")  # (cut mid-rename)
+    assert len(parts(root, "models")) == 5  # 4 small, 1 merged pending
+    assert verify(Store(root), repair=False).intact
+    store.recover()  # (a reader's recovery) puts the merged packs in place, the small ones go
+    for table in packing.PACKED_TABLES:
+        assert len(parts(root, table)) == 1 and parts(root, table)[0].startswith(packing.MERGED)
+    assert len(list(store.zoo_dir("checkpoints", "smoke").glob("*.safetensors"))) == 1
+    store.sweep("smoke")
+    store.write_index()
+    assert fingerprint(root) == fingerprint(smoke_root)
+    assert verify(Store(root)).intact
+    z = zoo.open(root)
+    ids = sorted(z.sql("select model_id from models where width = 32")["model_id"])  # (read from the matrices)
+    assert np.array_equal(z.weights(ids, epoch=3).numpy(), zoo.open(smoke_root).weights(ids, epoch=3).numpy())
+
+
 def test_a_model_stored_again_by_a_second_run_is_not_packed_twice(unpacked, tmp_path):
     root = tmp_path / "r"
     shutil.copytree(unpacked, root)
@@ -110,7 +162,7 @@ def test_a_model_stored_again_by_a_second_run_is_not_packed_twice(unpacked, tmp_
 def test_the_packs_weight_matrices_hold_exactly_the_parquet_weights(smoke_root):
     store, z = Store(smoke_root), zoo.open(smoke_root)
     matrices = [p for p in store.zoo_dir("checkpoints", "smoke").iterdir() if p.suffix == ".safetensors"]
-    assert len(matrices) == 1
+    assert len(matrices) == 4  # one beside each stack's pack
     widths = z.sql("select model_id, width from models order by model_id").set_index("model_id")["width"]
     for width in (8, 32):
         ids = [m for m in widths.index if widths[m] == width][::-1]  # not the stored order

@@ -368,7 +368,7 @@ def test_a_folder_link_out_of_the_root_is_refused_by_sql_and_the_api(root, tmp_p
 def test_a_named_pipe_in_place_of_a_pack_is_refused_without_hanging(root):
     z = zoo.open(root)
     model_id = z.sql("SELECT model_id FROM models LIMIT 1").model_id[0]
-    matrices = next((root / "tables" / "checkpoints" / "smoke").glob("pack-*.safetensors"))
+    matrices = pack_of(root, "checkpoints", model_id).with_suffix(".safetensors")
     matrices.unlink()
     os.mkfifo(matrices)
     outcome = {}
@@ -411,11 +411,18 @@ def test_side_matrices_that_disagree_with_the_recorded_sha256_are_refused(root):
         zoo.open(root).load_model(swapped, epoch=epoch)
 
 
+def pack_of(root, table: str, model_id: str):
+    """The pack of `table` that holds `model_id`'s rows (a zoo has one per trained stack)."""
+    [pack] = [p for p in (root / "tables" / table / "smoke").glob("pack-*.parquet")
+              if model_id in pq.read_table(p, columns=["model_id"]).column("model_id").to_pylist()]
+    return pack
+
+
 @pytest.mark.parametrize("damage", ["huge-header", "bad-offsets", "garbage-header", "truncated-pack"])
 def test_malformed_files_give_one_line(root, damage):
     z = zoo.open(root)
     model_id = z.sql("SELECT model_id FROM models LIMIT 1").model_id[0]
-    matrices = next((root / "tables" / "checkpoints" / "smoke").glob("pack-*.safetensors"))
+    matrices = pack_of(root, "checkpoints", model_id).with_suffix(".safetensors")
     data = matrices.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
@@ -430,7 +437,7 @@ def test_malformed_files_give_one_line(root, damage):
     elif damage == "garbage-header":
         matrices.write_bytes(data[:8] + b"\xff" * size + data[8 + size:])
     else:
-        tensors = next((root / "tables" / "tensors" / "smoke").glob("pack-*.parquet"))
+        tensors = pack_of(root, "tensors", model_id)
         tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
     with pytest.raises(ZooError) as e:
         zoo.open(root).load_model(model_id)

@@ -179,14 +179,26 @@ def recorded(folder: Path) -> dict[str, set[tuple[str, int]]]:
 
 def compact_manifest(folder: Path) -> None:
     """Drop the records of files that no longer exist (packed parts), atomically."""
+    _drop_records(folder, lambda names: names - set(os.listdir(folder)), optional=True)
+
+
+def forget(folder: Path, names: set[str]) -> None:
+    """Drop the records of `names` before they are removed on purpose: a crash in between leaves
+    a file without a record (checked by its content), never a record of a file gone."""
+    _drop_records(folder, lambda recorded_names: recorded_names & names, optional=False)
+
+
+def _drop_records(folder: Path, dropped: Callable[[set[str]], set[str]], optional: bool) -> None:
+    """Rewrite the manifest of `folder` without the records of `dropped(recorded names)`,
+    atomically; an optional rewrite is skipped on a full disk."""
     if not (folder / MANIFEST).exists():
         return
-    with contextlib.suppress(OSError), _manifest(folder, exclusive=True):  # (optional: skipped on a full disk)
-        present = set(os.listdir(folder))
+    with contextlib.suppress(*((OSError,) if optional else ())), _manifest(folder, exclusive=True):
         records = recorded(folder)
-        if records.keys() <= present:
-            return  # nothing to drop: no rewrite (this runs at the end of every writing command)
-        lines = sorted({f"{sha}\t{size}\t{name}" for name, pairs in records.items() if name in present
+        gone = dropped(set(records))
+        if not gone:
+            return  # nothing to drop: no rewrite (compaction runs at the end of every writing command)
+        lines = sorted({f"{sha}\t{size}\t{name}" for name, pairs in records.items() if name not in gone
                         for sha, size in pairs})
         tmp = temporary_name(folder / MANIFEST)
         try:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from . import slurm
 from .catalog import Launch
-from .errors import ZooError
+from .errors import StorageError, ZooError
 
 EXECUTORS = ("local", "debug", "slurm")
 
@@ -79,6 +79,7 @@ class JobOutcome:
     items: list[str]
     result: Any = None
     error: str | None = None  # the job as a whole died (killed, out of memory, node failure)
+    storage_error: str | None = None  # it stopped because the root could not be written (`StorageError`)
 
 
 def run_jobs(
@@ -140,6 +141,9 @@ def run_jobs(
             time.sleep(options.poll_seconds or (0.1 if options.executor == "local" else 0.5))
     if all(o.error is None for o in outcomes):
         shutil.rmtree(folder, ignore_errors=True)
+    for outcome in outcomes:  # a full disk or a read-only root stops the command, as it stopped the job
+        if outcome.storage_error is not None:
+            raise StorageError(outcome.storage_error)
     return outcomes
 
 
@@ -234,10 +238,18 @@ class SlurmWatch:
 def _finished(job, watch: SlurmWatch | None) -> bool:
     if watch is not None:
         return watch.finished(job)
+    if _local(job) and _result_written(job):  # (see `_outcome`)
+        return True
     try:
         return job.done()
     except Exception:  # the debug executor runs the job inside done() and may raise there
         return True
+
+
+def _local(job) -> bool:
+    import submitit
+
+    return isinstance(job, submitit.LocalJob)
 
 
 def _result_written(job) -> bool:
@@ -266,8 +278,27 @@ def _outcome(job, chunk: list[str], watch: SlurmWatch | None) -> JobOutcome:
         state = watch.state(job)
         if slurm.ended_without_completing(state) and not _result_written(job):
             return JobOutcome(chunk, error=f"job {job.job_id} ended without a result ({state})")
+    if _local(job) and _result_written(job):
+        # A local job is done once its result is written (atomically, by rename): submitit's own
+        # `result()` waits for the process to exit, and a process that imported torch takes
+        # 0.4-0.6 s to tear down here, which every `zoo generate` paid once more at its end.
+        from submitit.core.utils import pickle_load
+
+        outcome, value = pickle_load(job.paths.result_pickle)  # (the jobs folder is ours: see the module)
+        if outcome == "success":
+            return JobOutcome(chunk, result=value)
+        return _failed(job, chunk, str(value), "no message")
     try:
         return JobOutcome(chunk, result=job.result())
     except Exception as e:
-        text = str(e).strip()
-        return JobOutcome(chunk, error=f"job {job.job_id} failed: {text.splitlines()[-1] if text else type(e).__name__}")
+        return _failed(job, chunk, str(e), type(e).__name__)
+
+
+def _failed(job, chunk: list[str], text: str, default: str) -> JobOutcome:
+    """The outcome of a job that raised: the last line of its traceback, and, when that is a
+    `StorageError`, its message (which stops the command: no other job could store either)."""
+    text = text.strip()
+    last = text.splitlines()[-1] if text else default
+    name, _, message = last.partition(": ")
+    storage = message if name in (f"{StorageError.__module__}.{StorageError.__name__}", StorageError.__name__) else None
+    return JobOutcome(chunk, error=f"job {job.job_id} failed: {last}", storage_error=storage)

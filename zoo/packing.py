@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ZooError, one_line
-from .integrity import rename
+from .integrity import forget, rename, write_error
 from .matrices import write_matrices
 
 if TYPE_CHECKING:
@@ -34,8 +35,13 @@ if TYPE_CHECKING:
 
 PACKED_TABLES = ("checkpoints", "curves", "tensors", "models")  # the models row last: the commit
 PACK_PREFIX = "pack-"
+MERGED = PACK_PREFIX + "merged-"  # a pack that replaces smaller packs of the same table
 PENDING = ".pending"
 PACK_BYTES = 256 << 20
+SMALL_PACK_BYTES = PACK_BYTES // 8  # a smaller checkpoint pack is merged with others by `pack`,
+PACKER_WAIT_S = 5.0  # how long a job waits for the packer's lock to store a stack as packs
+MERGE_FROM = 16  # once there are this many (a few dozen files read as fast as one; merging 8 stacks'
+# packs of 32 digits MLPs took 0.8 s, 7% of the `zoo generate` that wrote them: not worth it so early)
 MATRIX_SUFFIX = ".safetensors"  # a checkpoint pack's weight matrices (zoo.matrices)
 
 
@@ -77,14 +83,93 @@ def pack(store: Store, zoo: str) -> int:
                 # instead of 2.4 s on 2 cores)
                 with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
                     tables = list(pool.map(lambda p: pq.ParquetFile(p).read(), paths))
-                data = pa.concat_tables(tables, promote_options="permissive")
-                order = [("epoch", "ascending"), ("model_id", "ascending")] if table == "checkpoints" else [("model_id", "ascending")]
-                data = data.sort_by(order)
-                if table == "checkpoints":  # the N x P matrices first: used only once the pack is in place
-                    write_matrices(store.zoo_dir(table, zoo) / f"{pack_key(data)}{MATRIX_SUFFIX}", data)
-                store.write_pack(table, zoo, data, pending=True)
+                _write_pending(store, table, zoo, tables)
             store.finish_packs(zoo)
+        _merge_small_packs(store, zoo)
         return len(ids)
+
+
+def _merge_small_packs(store: Store, zoo: str) -> None:
+    """Merge packs whose checkpoints hold under SMALL_PACK_BYTES (a trained stack's, written by
+    its job: `write_models`) into packs of about PACK_BYTES, table by table: each merged pack
+    (named MERGED...) takes every pack of its table whose models are among the merged ones, and
+    `finish_packs` removes those as it puts the merged pack in place."""
+    folder = store.zoo_dir("checkpoints", zoo)
+    small = [(path.name, path.stat().st_size) for path in _packs_in(store, "checkpoints", zoo)]
+    small = sorted((name, size) for name, size in small if size < SMALL_PACK_BYTES)
+    chunks, chunk, total = [], [], 0
+    for name, size in small:
+        chunk.append(name)
+        total += size
+        if total >= PACK_BYTES:
+            chunks.append(chunk)
+            chunk, total = [], 0
+    chunks = [c for c in chunks + [chunk] if len(c) > 1]
+    if len(small) < MERGE_FROM:
+        return
+    members = {table: {p: set(model_ids_in(p)) for p in _packs_in(store, table, zoo)} for table in PACKED_TABLES}
+    for chunk in chunks:
+        ids = {m for name in chunk for m in members["checkpoints"][folder / name]}
+        for table in PACKED_TABLES:  # models last
+            packs = [p for p, held in members[table].items() if held <= ids]
+            if packs:
+                _write_pending(store, table, zoo, [pq.ParquetFile(p).read() for p in packs], merged=True)
+        store.finish_packs(zoo)
+
+
+def _packs_in(store: Store, table: str, zoo: str) -> list[Path]:
+    """`zoo`'s packs of `table` in place (not pending)."""
+    folder = store.zoo_dir(table, zoo)
+    return [folder / n for n in store.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(".parquet")]
+
+
+def write_models(store: Store, zoo: str, tables: dict[str, list[pa.Table]]) -> list[str] | None:
+    """Store the rows of several just-trained models (`tables`: each packed table's per-model
+    rows, in one model order) as one pack per table, and return the ids stored: those no run had
+    stored when the packer's lock was taken (another run may have trained the same models). None
+    when the packer's lock stayed busy for PACKER_WAIT_S (a long merge, `zoo verify`): the
+    caller stores the models as parts instead, which the next `pack` merges.
+
+    Under the packer's lock, the packs are written pending, the `models` pack last, then put in
+    place. A writer killed before its `models` pack was written leaves pending packs of models
+    that are not stored: the next `finish_packs` removes them (the models are trained again), so
+    a crash can neither duplicate rows nor store a model in part."""
+    deadline = time.monotonic() + PACKER_WAIT_S
+    while True:
+        with store.packing() as held:
+            if held:
+                return _write_models_held(store, zoo, tables)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _write_models_held(store: Store, zoo: str, tables: dict[str, list[pa.Table]]) -> list[str]:
+    stored = store.stored_ids("models", zoo)
+    keep = [i for i, rows in enumerate(tables["models"]) if rows.column("model_id")[0].as_py() not in stored]
+    if not keep:
+        return []
+    store.finish_packs(zoo)  # (first: a dead writer's pending packs of these models go)
+    for table in PACKED_TABLES:
+        try:
+            store.zoo_dir(table, zoo).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(store.zoo_dir(table, zoo), e) from None
+    for table in PACKED_TABLES:  # models last
+        _write_pending(store, table, zoo, [tables[table][i] for i in keep])
+    store.finish_packs(zoo)
+    return [tables["models"][i].column("model_id")[0].as_py() for i in keep]
+
+
+def _write_pending(store: Store, table: str, zoo: str, tables: list[pa.Table], merged: bool = False) -> None:
+    """Several models' rows of `table` as one pending pack, sorted (checkpoints by epoch, then
+    model; the rest by model), a checkpoint pack's weight matrices first."""
+    data = pa.concat_tables(tables, promote_options="permissive")
+    order = [("epoch", "ascending"), ("model_id", "ascending")] if table == "checkpoints" else [("model_id", "ascending")]
+    data = data.sort_by(order)
+    if table == "checkpoints":  # the N x P matrices first: used only once the pack is in place
+        write_matrices(store.zoo_dir(table, zoo) / f"{pack_key(data, merged)}{MATRIX_SUFFIX}", data)
+    write_pack(store, table, zoo, data, pending=True, merged=merged)
 
 
 def _chunks_of_pack_size(store: Store, zoo: str, ids: list[str]) -> list[list[str]]:
@@ -100,12 +185,12 @@ def _chunks_of_pack_size(store: Store, zoo: str, ids: list[str]) -> list[list[st
     return chunks + ([chunk] if chunk else [])
 
 
-def write_pack(store: Store, table: str, zoo: str, data: pa.Table, pending: bool = False) -> Path:
+def write_pack(store: Store, table: str, zoo: str, data: pa.Table, pending: bool = False, merged: bool = False) -> Path:
     """Write the rows of several models as one pack of `table` (pending: under its `.pending`
-    name, put in place by `finish_packs`). Row groups of ~4 MB, so a read of one epoch or of a
+    name, put in place by `finish_packs`; merged: one that replaces smaller packs). Row groups of ~4 MB, so a read of one epoch or of a
     few models skips the rest by the groups' statistics; weights in LZ4, which decodes about 1.5x
     faster than zstd here (weights compress little: by 8% in LZ4, 13% in zstd on the smoke zoo)."""
-    path = store.zoo_dir(table, zoo) / f"{pack_key(data)}.parquet{PENDING if pending else ''}"
+    path = store.zoo_dir(table, zoo) / f"{pack_key(data, merged)}.parquet{PENDING if pending else ''}"
     row_bytes = max(1, data.nbytes // max(1, len(data)))
     store.write_file(path, data, row_group_size=max(1, min(len(data), (4 << 20) // row_bytes)),
                      compression="lz4" if table == "checkpoints" else "zstd")
@@ -114,16 +199,47 @@ def write_pack(store: Store, table: str, zoo: str, data: pa.Table, pending: bool
 
 def finish_packs(store: Store, zoo: str) -> None:
     """Put pending packs in place: remove the per-model parts they replace, then rename them (a
-    pending pack is complete, since it was written atomically, so this is safe to redo)."""
+    pending pack is complete, since it was written atomically, so this is safe to redo). A
+    pending pack that holds a model stored nowhere (no `models` row in a part, a pack or a
+    pending pack) is what a writer killed before its commit left (`write_models`): it is removed.
+    Call with the packer's lock held: a live writer's packs are pending until its commit."""
+    committed: set[str] | None = None
     for table in PACKED_TABLES:
         folder = store.zoo_dir(table, zoo)
-        for pending in sorted(folder / n for n in store.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(PENDING)):
+        pendings = sorted(folder / n for n in store.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(PENDING))
+        if not pendings:
+            continue
+        replaced: dict[Path, list[Path]] = {}  # merged pending pack -> the packs it replaces
+        if any(p.name.startswith(MERGED) for p in pendings):
+            in_place = {p: set(model_ids_in(p)) for p in _packs_in(store, table, zoo)}
+            for pending in (p for p in pendings if p.name.startswith(MERGED)):
+                merged = set(model_ids_in(pending))
+                replaced[pending] = [p for p, members in in_place.items() if members <= merged]
+        for pending in pendings:
+            if committed is None and table != "models":
+                committed = store.stored_ids("models", zoo)  # (a read: not under `removing`)
             with store.removing():  # readers see the models in their parts or in the pack, never in neither
                 if not pending.exists():  # another process finished it meanwhile
                     continue
-                for model_id in set(model_ids_in(pending)):
+                ids = set(model_ids_in(pending))
+                if table != "models":
+                    if not ids <= committed:  # a dead writer's: its models are trained again
+                        _remove(pending, pending.with_name(pending.name.split(".")[0] + MATRIX_SUFFIX))
+                        continue
+                for model_id in ids:
                     store.part_path(table, zoo, model_id).unlink(missing_ok=True)
-                rename(pending, pending.with_name(pending.name[: -len(PENDING)]))
+                final = pending.with_name(pending.name[: -len(PENDING)])
+                for path in replaced.get(pending, []):  # smaller packs it merges (`_merge_small_packs`)
+                    if path != final:
+                        _remove(path, path.with_suffix(MATRIX_SUFFIX))
+                rename(pending, final)
+
+
+def _remove(*paths: Path) -> None:
+    """Remove files of one folder on purpose, their checksum records first (`integrity.forget`)."""
+    forget(paths[0].parent, {n for p in paths for n in (p.name, p.name + PENDING)})  # (a pack's pending name too)
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def pending_zoos(store: Store) -> list[str]:
@@ -153,10 +269,11 @@ def packed_ids(store: Store, table: str, zoo: str) -> set[str]:
     return {m for n in names for m in model_ids_in(folder / n)}
 
 
-def pack_key(data: pa.Table) -> str:
-    """A pack's name: a hash of the model ids it holds (the same models give the same name)."""
+def pack_key(data: pa.Table, merged: bool = False) -> str:
+    """A pack's name: a hash of the model ids it holds (the same models give the same name),
+    after MERGED for a pack that replaces smaller ones."""
     members = "\n".join(sorted(set(data.column("model_id").to_pylist())))
-    return PACK_PREFIX + hashlib.sha256(members.encode()).hexdigest()[:16]
+    return (MERGED if merged else PACK_PREFIX) + hashlib.sha256(members.encode()).hexdigest()[:16]
 
 
 def model_ids_in(path: Path) -> list[str]:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from .errors import ZooError, one_line
 from .published import PublishedStore, at_epochs, read_rows, shared_rows, table_path
 from .rows import benchmark_part_key, cells_part_key, metric_part_key
-from .schemas import SCHEMAS
+from .schemas import SCHEMAS, empty_rows
 from .storage import Store
 
 
@@ -174,7 +174,7 @@ def _store_model(store: Store, per_model: dict[str, dict[str, pa.Table]], model_
           "weights": vector} for e, (row, vector) in sorted(weights.items())],
         schema=SCHEMAS["checkpoints"])
     for table in ("tensors", "curves"):
-        store.write_part(table, zoo, model_id, per_model[table].get(model_id, SCHEMAS[table].empty_table()))
+        store.write_part(table, zoo, model_id, per_model[table].get(model_id, empty_rows(table)))
     store.write_part("checkpoints", zoo, model_id, checkpoints)
     metrics = per_model["metrics"].get(model_id)
     # a densities row names no family: it is the family whose metrics rows share its settings

@@ -48,46 +48,73 @@ class TrainedModel:
 
 
 def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
-    """Store one model: tensors, curves, checkpoints, then its `models` row (the commit)."""
+    """Store one model as per-model parts: tensors, curves, checkpoints, then its `models` row
+    (the commit)."""
+    _write_parts(store, model.spec, model_tables(model, code_version))
+
+
+def _write_parts(store: Store, spec, tables: dict[str, pa.Table]) -> None:
+    for table, rows in tables.items():  # (`models` last)
+        store.write_part(table, spec.zoo, spec.model_id, rows)
+    store.remove_part("failures", spec.zoo, spec.model_id)
+
+
+def write_models(store: Store, models: list[TrainedModel], code_version: str) -> list[str]:
+    """Store several models of one zoo (a trained stack) as one pack per table, the `models`
+    pack last (the commit), skipping any model another run stored meanwhile; returns the ids
+    stored. Four files instead of four per model: a 32-model stack's parts took 0.5 s of CPU and
+    ~380 fsyncs, and `zoo generate` then spent 2 s merging a 256-model run's parts into packs
+    (both measured here). See `zoo.packing.write_models` for how a crash is survived."""
+    from . import packing
+
+    if not models:
+        return []
+    zoo = models[0].spec.zoo
+    tables = [model_tables(m, code_version) for m in models]
+    ids = packing.write_models(store, zoo, {t: [rows[t] for rows in tables] for t in tables[0]})
+    if ids is None:  # the packer's lock stayed busy: as parts, which the next `pack` merges
+        stored = store.stored_ids("models", zoo)
+        ids = [m.spec.model_id for m in models if m.spec.model_id not in stored]
+        for model, rows in zip(models, tables):
+            if model.spec.model_id in ids:
+                _write_parts(store, model.spec, rows)
+        return ids
+    for model_id in ids:
+        store.remove_part("failures", zoo, model_id)
+    return ids
+
+
+def model_tables(model: TrainedModel, code_version: str) -> dict[str, pa.Table]:
+    """One model's rows of each table it is stored in, `models` last."""
     import torch
 
     spec, model_id = model.spec, model.spec.model_id
     index = model.index
-    store.write_part(
-        "tensors",
-        spec.zoo,
-        model_id,
-        pa.Table.from_pylist(
-            [
-                {"model_id": model_id, "position": i, "name": e.name, "shape": list(e.shape), "offset": e.offset,
-                 "numel": e.numel, "dtype": e.dtype, "kind": e.kind}
-                for i, e in enumerate(index)
-            ],
-            schema=SCHEMAS["tensors"],
-        ),
+    tensors = pa.Table.from_pylist(
+        [
+            {"model_id": model_id, "position": i, "name": e.name, "shape": list(e.shape), "offset": e.offset,
+             "numel": e.numel, "dtype": e.dtype, "kind": e.kind}
+            for i, e in enumerate(index)
+        ],
+        schema=SCHEMAS["tensors"],
     )
-    store.write_part("curves", spec.zoo, model_id, pa.Table.from_pylist([{"model_id": model_id, **row} for row in model.curves], schema=SCHEMAS["curves"]))
+    curves = pa.Table.from_pylist([{"model_id": model_id, **row} for row in model.curves], schema=SCHEMAS["curves"])
     n_params = n_parameters(index)
     epochs = sorted(model.checkpoints)
     vectors = [model.checkpoints[e] for e in epochs]
-    store.write_part(
-        "checkpoints",
-        spec.zoo,
-        model_id,
-        pa.table(
-            {
-                "model_id": [model_id] * len(epochs),
-                "epoch": pa.array(epochs, pa.int32()),
-                "n_params": [n_params] * len(epochs),
-                "n_values": [int(v.size) for v in vectors],
-                "sha256": [sha256(v) for v in vectors],
-                "weights": pa.ListArray.from_arrays(
-                    pa.array(np.cumsum([0] + [v.size for v in vectors]), pa.int32()),
-                    pa.array(np.concatenate(vectors) if vectors else np.zeros(0, np.float32), pa.float32()),
-                ),
-            },
-            schema=SCHEMAS["checkpoints"],
-        ),
+    checkpoints = pa.table(
+        {
+            "model_id": [model_id] * len(epochs),
+            "epoch": pa.array(epochs, pa.int32()),
+            "n_params": [n_params] * len(epochs),
+            "n_values": [int(v.size) for v in vectors],
+            "sha256": [sha256(v) for v in vectors],
+            "weights": pa.ListArray.from_arrays(
+                pa.array(np.cumsum([0] + [v.size for v in vectors]), pa.int32()),
+                pa.array(np.concatenate(vectors) if vectors else np.zeros(0, np.float32), pa.float32()),
+            ),
+        },
+        schema=SCHEMAS["checkpoints"],
     )
     row = {
         "model_id": model_id,
@@ -112,8 +139,8 @@ def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
         if name not in row:
             row[name] = value if value is None or kind is not str else str(value)
             fields.append(pa.field(name, _ARROW_TYPES[kind]))
-    store.write_part("models", spec.zoo, model_id, pa.Table.from_pylist([row], schema=pa.schema(fields)))
-    store.remove_part("failures", spec.zoo, model_id)
+    models = pa.Table.from_pylist([row], schema=pa.schema(fields))
+    return {"tensors": tensors, "curves": curves, "checkpoints": checkpoints, "models": models}
 
 
 def write_jobs(store: Store, zoo: str, run: str, executor: str, jobs: list[tuple[str, str]]) -> None:

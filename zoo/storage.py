@@ -41,7 +41,7 @@ from .matrices import read_rows
 from .packing import MATRIX_SUFFIX, PACK_PREFIX, PACKED_TABLES, PENDING, model_ids_in
 from .locks import exclusive_lock, shared_lock
 from .rootfs import RootFileSystem, entries
-from .schemas import SCHEMA_VERSION, SCHEMAS
+from .schemas import SCHEMA_VERSION, SCHEMAS, empty_rows
 from .weights import sha256
 
 if TYPE_CHECKING:  # (imported where used: a training job needs neither, and they cost it ~0.15 s)
@@ -88,7 +88,7 @@ def default_root() -> Path:
 
 def empty_view_sql(con: duckdb.DuckDBPyConnection, table: str) -> str:
     """A view with the table's base schema and no rows, for a table that has no file yet."""
-    empty = con.from_arrow(SCHEMAS[table].empty_table())
+    empty = con.from_arrow(empty_rows(table))
     columns = ", ".join(f'CAST(NULL AS {kind}) AS "{name}"' for name, kind in zip(empty.columns, empty.types))
     return f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} LIMIT 0"
 
@@ -109,11 +109,11 @@ class Store:
             self.root.mkdir(parents=True, exist_ok=True)
             with open(self.root / ".read.lock", "a"):  # a writable root, found before any work is done
                 pass
-            for table, schema in SCHEMAS.items():
+            for table in SCHEMAS:
                 folder = self.root / "tables" / table
                 folder.mkdir(parents=True, exist_ok=True)
                 if not (folder / "_empty.parquet").exists():
-                    self.write_file(folder / "_empty.parquet", schema.empty_table())
+                    self.write_file(folder / "_empty.parquet", empty_rows(table))
         except OSError as e:
             raise write_error(self.root, e) from None
 
@@ -253,7 +253,7 @@ class Store:
                     found = found.filter(wanted)
             pieces.append(found.select(columns) if columns is not None else found)
         if not pieces:
-            return SCHEMAS[table].empty_table().select(columns) if columns else SCHEMAS[table].empty_table()
+            return empty_rows(table).select(columns) if columns else empty_rows(table)
         return pa.concat_tables(pieces, promote_options="permissive")
 
     def read_weights(self, zoo: str, model_ids: list[str], epoch: int) -> tuple[np.ndarray | None, list[str]]:
