@@ -82,7 +82,7 @@ def generate(
 
         try:
             outcomes = run_jobs(TrainAndStore(), texts, options, config.name, kwargs={"root": str(store.root)},
-                                on_poll=show_progress, on_submit=record_jobs)
+                                on_poll=show_progress if progress else None, on_submit=record_jobs)
         finally:
             bar.close()
         for outcome in outcomes:

@@ -4,7 +4,7 @@ root, as a user runs them, timed by wall clock; then one phase-diagram query.
     python perf/end_to_end.py [--zoo digits-mlp] [--root DIR]
 
 Both commands run as subprocesses with the default local executor (all cores), exactly the
-README's first command plus `zoo metrics`. The target on the 2-core machine: <= 10 minutes.
+README's first command plus `zoo metrics`. The target on the 2-core machine (issue #17): <= 4 minutes.
 """
 
 from __future__ import annotations

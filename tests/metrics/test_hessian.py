@@ -118,6 +118,31 @@ def test_hvp_block_matches_exact(mlp_case):
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
+@pytest.mark.parametrize("unbatched_from", [0, 10**12])  # products one by one / one batched pass
+def test_products_through_a_kept_gradient_graph_match_exact(mlp_case, monkeypatch, unbatched_from):
+    """One batch (the families' case): the gradient graph is built once and every product runs
+    through it; the same products as computed anew, and H V for the exact H."""
+    from metrics import hessian
+
+    model, _, hess, spectrum = mlp_case
+    x, y = _data()
+    params = list(model.parameters())
+    monkeypatch.setattr(hessian, "UNBATCHED_FROM", unbatched_from)
+    block = torch.randn(hess.shape[0], 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    expected = hess @ block
+    graph = hessian._gradient_graph(model, params, [(x, y)], N_SAMPLES)
+    assert graph is not None and hessian._gradient_graph(model, params, _batches(x, y), N_SAMPLES) is None
+    for _ in range(2):  # (the graph outlives a product)
+        got = hvp_block(model, params, [(x, y)], N_SAMPLES, block, graph)
+        assert got.shape == block.shape and got.dtype == torch.float64
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max())
+    kept = hessian._hvp_flat(model, params, [(x, y)], N_SAMPLES, block[:, 0], graph)
+    assert torch.equal(kept, hessian._hvp_flat(model, params, [(x, y)], N_SAMPLES, block[:, 0]))
+    result = krylov_top_eigenvalues_and_trace(model, [(x, y)], top_n=2, block=4, eig_tol=1e-6, seed=1)
+    assert result.eigenvalues == pytest.approx(spectrum.flip(0)[:2].tolist(), rel=1e-5)
+    assert all(p.grad is None for p in params)
+
+
 def test_krylov_top_eigenvalues_and_trace_match_exact(mlp_case):
     model, batches, hess, spectrum = mlp_case
     stale = [torch.full_like(p, 7.0) for p in model.parameters()]
