@@ -39,9 +39,9 @@ MERGED = PACK_PREFIX + "merged-"  # a pack that replaces smaller packs of the sa
 PENDING = ".pending"
 PACK_BYTES = 256 << 20
 SMALL_PACK_BYTES = PACK_BYTES // 8  # a smaller checkpoint pack is merged with others by `pack`,
-PACKER_WAIT_S = 5.0  # how long a job waits for the packer's lock to store a stack as packs
 MERGE_FROM = 16  # once there are this many (a few dozen files read as fast as one; merging 8 stacks'
 # packs of 32 digits MLPs took 0.8 s, 7% of the `zoo generate` that wrote them: not worth it so early)
+PACKER_WAIT_S = 5.0  # how long a job waits for the packer's lock to store a stack as packs
 MATRIX_SUFFIX = ".safetensors"  # a checkpoint pack's weight matrices (zoo.matrices)
 
 
@@ -97,6 +97,8 @@ def _merge_small_packs(store: Store, zoo: str) -> None:
     folder = store.zoo_dir("checkpoints", zoo)
     small = [(path.name, path.stat().st_size) for path in _packs_in(store, "checkpoints", zoo)]
     small = sorted((name, size) for name, size in small if size < SMALL_PACK_BYTES)
+    if len(small) < MERGE_FROM:
+        return
     chunks, chunk, total = [], [], 0
     for name, size in small:
         chunk.append(name)
@@ -105,8 +107,6 @@ def _merge_small_packs(store: Store, zoo: str) -> None:
             chunks.append(chunk)
             chunk, total = [], 0
     chunks = [c for c in chunks + [chunk] if len(c) > 1]
-    if len(small) < MERGE_FROM:
-        return
     members = {table: {p: set(model_ids_in(p)) for p in _packs_in(store, table, zoo)} for table in PACKED_TABLES}
     for chunk in chunks:
         ids = {m for name in chunk for m in members["checkpoints"][folder / name]}
@@ -187,8 +187,8 @@ def _chunks_of_pack_size(store: Store, zoo: str, ids: list[str]) -> list[list[st
 
 def write_pack(store: Store, table: str, zoo: str, data: pa.Table, pending: bool = False, merged: bool = False) -> Path:
     """Write the rows of several models as one pack of `table` (pending: under its `.pending`
-    name, put in place by `finish_packs`; merged: one that replaces smaller packs). Row groups of ~4 MB, so a read of one epoch or of a
-    few models skips the rest by the groups' statistics; weights in LZ4, which decodes about 1.5x
+    name, put in place by `finish_packs`; merged: one that replaces smaller packs). Row groups
+    of ~4 MB, so a read of one epoch or of a few models skips the rest by the groups' statistics; weights in LZ4, which decodes about 1.5x
     faster than zstd here (weights compress little: by 8% in LZ4, 13% in zstd on the smoke zoo)."""
     path = store.zoo_dir(table, zoo) / f"{pack_key(data, merged)}.parquet{PENDING if pending else ''}"
     row_bytes = max(1, data.nbytes // max(1, len(data)))
