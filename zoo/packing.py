@@ -188,8 +188,9 @@ def _chunks_of_pack_size(store: Store, zoo: str, ids: list[str]) -> list[list[st
 def write_pack(store: Store, table: str, zoo: str, data: pa.Table, pending: bool = False, merged: bool = False) -> Path:
     """Write the rows of several models as one pack of `table` (pending: under its `.pending`
     name, put in place by `finish_packs`; merged: one that replaces smaller packs). Row groups
-    of ~4 MB, so a read of one epoch or of a few models skips the rest by the groups' statistics; weights in LZ4, which decodes about 1.5x
-    faster than zstd here (weights compress little: by 8% in LZ4, 13% in zstd on the smoke zoo)."""
+    of ~4 MB, so a read of one epoch or of a few models skips the rest by the groups'
+    statistics; weights in LZ4, which decodes about 1.5x faster than zstd here (weights
+    compress little: by 8% in LZ4, 13% in zstd on the smoke zoo)."""
     path = store.zoo_dir(table, zoo) / f"{pack_key(data, merged)}.parquet{PENDING if pending else ''}"
     row_bytes = max(1, data.nbytes // max(1, len(data)))
     store.write_file(path, data, row_group_size=max(1, min(len(data), (4 << 20) // row_bytes)),
@@ -264,9 +265,7 @@ def recover(store: Store) -> None:
 
 def packed_ids(store: Store, table: str, zoo: str) -> set[str]:
     """The model ids in `zoo`'s packs of `table` (in place, not pending)."""
-    folder = store.zoo_dir(table, zoo)
-    names = [n for n in store.names(folder) if n.startswith(PACK_PREFIX) and n.endswith(".parquet")]
-    return {m for n in names for m in model_ids_in(folder / n)}
+    return {m for path in _packs_in(store, table, zoo) for m in model_ids_in(path)}
 
 
 def pack_key(data: pa.Table, merged: bool = False) -> str:
