@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import zoo
+from metrics import hessian
 from metrics.families import FAMILIES, ModelContext
 from metrics.runner import run_metrics
 from zoo.catalog import load_catalog
@@ -27,7 +28,9 @@ from zoo.storage import Store
 
 from ..conftest import REPO
 
-METHODS = {"krylov": {}, "lanczos": {"method": "lanczos"}}
+# krylov-unbatched: the default method with every block's products taken one by one through the
+# kept gradient graph (metrics.hessian.UNBATCHED_FROM, which these small models stay under)
+METHODS = {"krylov": {}, "krylov-unbatched": {}, "lanczos": {"method": "lanczos"}}
 _EXACT: dict = {}
 
 
@@ -39,8 +42,11 @@ def stored(smoke_root, tmp_path_factory):
         root = tmp_path_factory.mktemp(f"hessian-{method}") / "root"
         shutil.copytree(smoke_root, root)
         config = load_catalog(REPO / "catalog.yaml")["smoke"].model_copy(update={"metrics": {"hessian": settings}})
-        report = run_metrics(config, Store(root, create=True), ["hessian"], "final",
-                             LaunchOptions(executor="debug", jobs_dir=root.parent / "jobs"), progress=False)
+        with pytest.MonkeyPatch.context() as patch:  # (the debug executor computes in this process)
+            if method == "krylov-unbatched":
+                patch.setattr(hessian, "UNBATCHED_FROM", 0)
+            report = run_metrics(config, Store(root, create=True), ["hessian"], "final",
+                                 LaunchOptions(executor="debug", jobs_dir=root.parent / "jobs"), progress=False)
         assert not report.failed_jobs and not report.warnings
         out[method] = (root, zoo.open(root).sql("select model_id, name, value from metrics where family = 'hessian'"))
     return out
