@@ -12,6 +12,7 @@ once) never duplicates rows.
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.errors import StorageError
 from zoo.launch import current_job_id
-from zoo.rows import TrainedModel, write_failure, write_model, write_models
+from zoo.rows import TrainedModel, pyarrow_without_pandas, write_failure, write_model, write_models
 from zoo.storage import Store
 
 from .plan import group_into_stacks, shape_key, stack_key
@@ -173,6 +174,8 @@ class TrainAndStore(submitit.helpers.Checkpointable):
     and a model cut off mid-training continues from its last saved state (`resume.py`)."""
 
     def __call__(self, root: str, items: Sequence[TrainingItem | str], threads: int = 1) -> JobReport:
+        if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):  # the job's own process (not the
+            pyarrow_without_pandas()  # debug executor's, which is the launcher's)
         return train_and_store(root, items, threads)
 
 

@@ -14,17 +14,16 @@ from zoo.catalog import ModelSpec
 
 # Where stacking pays on a CPU (measured by perf/train_throughput.py on the 2-core machine the
 # README's performance table names): MLPs up to this many parameters (a stack of four 512-wide
-# digits MLPs, 300k parameters, ran 0.9x the speed of one at a time: arithmetic-bound), and CNNs
-# whose first feature map per step (batch x width x H x W) is at most this many values (bigger
-# convolutions are arithmetic-bound and oneDNN's grouped kernels are slower than M plain ones).
+# digits MLPs, 300k parameters, ran 0.9x the speed of one at a time: arithmetic-bound).
 MAX_STACKED_MLP_PARAMS = 100_000
-MAX_STACKED_CNN_ACTIVATIONS = 1 << 15
-# Models per stack. On the 2-core CI machine (2026-11-30, 1 thread, the digits MLP 64-32-32-10,
-# 20 epochs with an evaluation every epoch) a stack of 32 / 64 / 128 trained 17.6 / 18.2 / 15.3
-# models/s, and past 128 a step's time per model rises again (its activations leave the cache);
-# 32 gives up almost nothing and cuts a 64-model population into one stack per core. The cut
-# depends on the zoo alone, never on the machine, so a model's bits do not depend on the cores
-# that train it. (A GPU would take far larger stacks; not measured: no GPU was lent.)
+# CNNs: a stack's first feature maps per step (models x batch x width x H x W) hold at most this
+# many values. On the 2-core CI machine (2026-12-01, 1 thread, Fashion-MNIST 28 x 28, width 4) a
+# training step took 8.1 / 7.0 / 7.7 / 13.2 / 13.6 ms per model in stacks of 2 / 4 / 8 / 16 / 32
+# at batch 128 (1.6M values at 4 models), and 2.4 / 1.8 / 2.3 / 1.8 / 2.9 ms at batch 32: past
+# about 2M values the activations leave the cache and a step slows by half (the plain loop:
+# 18 and 6.4 ms). A CNN that cannot stack two models within it takes the reference path (width
+# 4 at batch 512, width 16 at batch 128: the stack ran 0.7-0.8x the plain loop there).
+CNN_STACK_VALUES = 1 << 21
 STACK_SIZE = 32
 
 
@@ -39,11 +38,24 @@ def stack_key(spec: ModelSpec) -> str | None:
 
 
 def _pays_on_a_cpu(spec: ModelSpec) -> bool:
-    a, t = spec.architecture, spec.training
+    a = spec.architecture
     if a["name"] == "mlp":
         n_in, width = math.prod(spec.input_shape), a["width"]
         return n_in * width + (a["depth"] - 1) * width * width + width * spec.n_classes <= MAX_STACKED_MLP_PARAMS
-    return t.batch_size * a["width"] * math.prod(spec.input_shape[1:]) <= MAX_STACKED_CNN_ACTIVATIONS
+    return 2 * _feature_map(spec) <= CNN_STACK_VALUES
+
+
+def _feature_map(spec: ModelSpec) -> int:
+    """Values in a CNN's first feature map per step: batch x width x H x W."""
+    return spec.training.batch_size * spec.architecture["width"] * math.prod(spec.input_shape[1:])
+
+
+def models_per_stack(spec: ModelSpec, max_models: int = STACK_SIZE) -> int:
+    """How many models of `spec`'s key train as one stack: `max_models`, fewer for CNNs whose
+    activations would leave the cache (`CNN_STACK_VALUES`). Depends on the zoo alone."""
+    if spec.architecture["name"] == "cnn" and 2 * _feature_map(spec) <= CNN_STACK_VALUES:
+        return min(max_models, CNN_STACK_VALUES // _feature_map(spec))
+    return max_models  # (MLPs; and CNNs too big for a CPU stack, which stack on CUDA alone)
 
 
 def _cuda() -> bool:
@@ -69,7 +81,9 @@ def shape_key(spec: ModelSpec) -> str | None:
 
 
 def group_into_stacks(specs: list[ModelSpec], max_models: int = STACK_SIZE) -> list[list[ModelSpec]]:
-    """Stacks of at most `max_models` same-key models, in first-seen order; unstackable models
+    """Stacks of at most `max_models` same-key models (fewer for large CNNs: `models_per_stack`),
+    in first-seen order, a key's models cut into stacks of equal size (jobs then take equal
+    shares); unstackable models
     alone. Stacks are cut from a whole zoo's model list, never from what happens to be missing,
     so a model is always trained in the same company: the batched kernels then give it the same
     bits whichever run trains it (a stack of one and a stack of two can differ in the last bit)."""
@@ -81,5 +95,8 @@ def group_into_stacks(specs: list[ModelSpec], max_models: int = STACK_SIZE) -> l
             singles.append([spec])
         else:
             groups.setdefault(key, []).append(spec)
-    stacks = [g[i : i + max_models] for g in groups.values() for i in range(0, len(g), max_models)]
+    stacks = []
+    for group in groups.values():  # as few stacks as the size allows, of sizes differing by at most one
+        n = -(-len(group) // models_per_stack(group[0], max_models))  # (64 at most 20: 4 x 16, not 20, 20, 20, 4)
+        stacks += [group[len(group) * k // n : len(group) * (k + 1) // n] for k in range(n)]
     return stacks + singles

@@ -11,6 +11,13 @@ runs as one process per core with 1 thread each, and (at `--single-process-sizes
 with all threads; the faster is the baseline. `zoo generate` runs as users run it (`python -m zoo
 generate ...`, default local executor), so job start-up counts.
 
+Then the same for the BatchNorm CNNs of the fmnist-cnn zoo on its 28x28 Fashion-MNIST shape
+(`--cnn-cells`, width x batch: conv(w) -> BN -> ReLU -> max-pool -> conv(2w) -> BN -> ReLU ->
+average pool -> linear; the first 2,000 training and 1,000 test images, SGD with momentum and
+weight decay 5e-4, `--cnn-epochs` epochs, train and test evaluation after every epoch; a momentum x
+learning-rate grid x 4 seeds, 64 models). Its plain loop reads the Debian IDX files itself and
+evaluates in batches of 1,000, one process per core x 1 thread.
+
 Then the stacked engine alone (the project's `train_stack`, after imports and a warm-up), to say
 where the time goes and how stacks should fill the cores: all stacks in one process with all
 threads, against one process per core with 1 thread each. Each row gives the population's
@@ -44,7 +51,6 @@ def grid(size: int) -> tuple[list[float], list[float], list[int]]:
 def plain_worker(jobs: list[tuple[float, float, int]], epochs: int, threads: int, done) -> None:
     """Train `jobs` (momentum, lr, seed) one after another: the plain loop, no project code."""
     import torch
-    import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from torch import nn
 
@@ -58,34 +64,115 @@ def plain_worker(jobs: list[tuple[float, float, int]], epochs: int, threads: int
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-        for _ in range(epochs):
-            model.train()
-            for idx in torch.randperm(len(x_train)).split(32):
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                for xs, ys in ((x_train, y_train), (x_test, y_test)):
-                    logits = model(xs)
-                    F.cross_entropy(logits, ys).item(), (logits.argmax(1) == ys).float().mean().item()
+        plain_training(model, optimizer, (x_train, y_train), (x_test, y_test), epochs, 32, len(x))
         done.value += 1
+
+
+def plain_training(model, optimizer, train, test, epochs: int, batch: int, eval_batch: int) -> None:
+    """The plain loop: shuffled batches, zero_grad / backward / step, then the loss and accuracy
+    on both splits in eval mode, read back with `.item()`, after every epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    x_train, y_train = train
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x_train)).split(batch):
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for xs, ys in (train, test):
+                losses, correct = 0.0, 0
+                for start in range(0, len(xs), eval_batch):
+                    logits = model(xs[start : start + eval_batch])
+                    losses += F.cross_entropy(logits, ys[start : start + eval_batch], reduction="sum").item()
+                    correct += (logits.argmax(1) == ys[start : start + eval_batch]).sum().item()
 
 
 def plain(size: int, epochs: int, processes: int, threads: int) -> float:
     """Wall seconds of the plain loop over the population, `processes` at once."""
+    return run_plain(plain_worker, size, processes, lambda jobs, done: (jobs, epochs, threads, done))
+
+
+def run_plain(worker, size: int, processes: int, arguments) -> float:
+    """Wall seconds of `worker` over the population's (momentum, lr, seed) jobs, dealt out to
+    `processes` spawned processes (`arguments(their jobs, shared counter)` -> worker arguments)."""
     momenta, rates, seeds = grid(size)
     jobs = [(m, r, s) for m in momenta for r in rates for s in seeds]
-    done = mp.get_context("spawn").Value("i", 0)
-    workers = [mp.get_context("spawn").Process(target=plain_worker, args=(jobs[i::processes], epochs, threads, done))
-               for i in range(processes)]
+    context = mp.get_context("spawn")
+    done = context.Value("i", 0)
+    workers = [context.Process(target=worker, args=arguments(jobs[i::processes], done)) for i in range(processes)]
     start = time.perf_counter()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     assert done.value == len(jobs)
+    return time.perf_counter() - start
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def plain_cnn_worker(jobs: list[tuple[float, float, int]], epochs: int, width: int, batch: int, threads: int, done) -> None:
+    """Train `jobs` (momentum, lr, seed) of the fmnist-cnn shape one after another: the plain loop,
+    no project code."""
+    import gzip
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+
+    def idx(name: str) -> np.ndarray:
+        raw = gzip.open(FASHION_MNIST / f"{name}.gz").read()
+        ndim = raw[3]
+        dims = np.frombuffer(raw, ">u4", ndim, 4)
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return (torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0 - 0.2860) / 0.3530
+
+    x_train, y_train = images(idx("train-images-idx3-ubyte")[:CNN_TRAIN]), torch.tensor(idx("train-labels-idx1-ubyte")[:CNN_TRAIN], dtype=torch.int64)
+    x_test, y_test = images(idx("t10k-images-idx3-ubyte")[:CNN_TEST]), torch.tensor(idx("t10k-labels-idx1-ubyte")[:CNN_TEST], dtype=torch.int64)
+    for momentum, lr, seed in jobs:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=5e-4)
+        plain_training(model, optimizer, (x_train, y_train), (x_test, y_test), epochs, batch, 1000)
+        done.value += 1
+
+
+CNN_TRAIN, CNN_TEST = 2000, 1000
+
+
+def plain_cnn(width: int, batch: int, epochs: int, processes: int) -> float:
+    """Wall seconds of the plain CNN loop over the 64-model population, one process per core."""
+    return run_plain(plain_cnn_worker, 64, processes, lambda jobs, done: (jobs, epochs, width, batch, 1, done))
+
+
+def zoo_generate_cnn(width: int, batch: int, epochs: int, tmp: Path) -> float:
+    """Wall seconds of `python -m zoo generate` of the same CNN population into a fresh root."""
+    momenta, rates, seeds = grid(64)
+    name = f"cnn{width}x{batch}"
+    catalog = tmp / f"catalog-{name}.yaml"
+    catalog.write_text(yaml.safe_dump({"zoos": {name: {
+        "description": "issue #17's CNN population",
+        "dataset": {"name": "fashion-mnist", "train_size": CNN_TRAIN, "test_size": CNN_TEST},
+        "architecture": {"name": "cnn", "width": width, "depth": 2},
+        "load": {"name": "momentum", "values": momenta}, "temperature": {"name": "lr", "values": rates},
+        "seeds": seeds, "training": {"optimizer": "sgd", "batch_size": batch, "epochs": epochs, "weight_decay": 5e-4,
+                                     "eval_batch_size": 1000},
+        "checkpoints": [0, epochs]}}}))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "zoo", "generate", name, "--catalog", str(catalog),
+                    "--root", str(tmp / f"root-{name}"), "--no-progress"], check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -183,6 +270,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--single-process-sizes", type=int, nargs="*", default=[64],
                         help="sizes at which the plain loop also runs as one process with all threads")
+    parser.add_argument("--cnn-cells", nargs="*", default=["4x32", "4x128", "8x128"],
+                        help="fmnist-cnn cells (width x batch size) to measure; none: skip the CNNs")
+    parser.add_argument("--cnn-epochs", type=int, default=2)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with mp.get_context("spawn").Pool(1) as pool:
@@ -203,6 +293,16 @@ def main() -> None:
             one_text = f"{one:.2f} models/s" if one is not None else "not run"
             print(f"| {size} | {one_text} | {per_core:.2f} models/s | {ours:.2f} models/s | **{ours / best:.2f}x** | {share:.1%} |",
                   flush=True)
+        if args.cnn_cells:
+            print()
+            print(f"fmnist-cnn's shape (28x28), 64 models, {args.cnn_epochs} epochs, evaluation every epoch:")
+            print("| width x batch | plain loops, one process per core x 1 thread | `zoo generate` (wall) | ratio |")
+            print("|---|---|---|---|")
+            for cell in args.cnn_cells:
+                width, batch = (int(v) for v in cell.split("x"))
+                plain_rate = 64 / plain_cnn(width, batch, args.cnn_epochs, cores)
+                ours = 64 / zoo_generate_cnn(width, batch, args.cnn_epochs, Path(tmp))
+                print(f"| {width} x {batch} | {plain_rate:.2f} models/s | {ours:.2f} models/s | **{ours / plain_rate:.2f}x** |", flush=True)
         print()
         print("The stacked engine alone (train_stack, after start-up), the same populations:")
         print("| models | 1 process x all threads | one process per core x 1 thread | share of the matmul peak (the faster) |")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -181,6 +183,39 @@ def test_the_mlp_engines_written_out_gradients_equal_autograd(activation, depth,
         assert not grads[-2][m, :, classes:].any() and not grads[-1][m, 0, classes:].any()  # the padding stays zero
 
 
+@pytest.mark.parametrize("architecture", [{"name": "cnn", "width": 3, "depth": 2},
+                                          {"name": "cnn", "width": 2, "depth": 3, "batchnorm": False},
+                                          {"name": "cnn", "width": 4, "depth": 1, "kernel_size": 5}])
+def test_the_cnn_engines_written_out_gradients_equal_autograd(architecture):
+    """`_CNNStack.gradients` (forward and backward kernels called directly, channels-last) against
+    torch.autograd on each model alone, as an nn.Module in training mode: every parameter's
+    gradient, BatchNorm's running statistics after the step, and the step counter."""
+    from torch.nn import functional as F
+
+    from generators.stacked import _CNNStack
+
+    specs = parse_zoo("c", dict(CNN_STACK_ZOO, architecture=architecture)).models()
+    stack = _CNNStack(specs, torch.device("cpu"))
+    assert _CNNStack.fits(stack.layers)
+    models = [copy.deepcopy(stack.module(m)).train() for m in range(len(specs))]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(len(specs), 9, *specs[0].input_shape, generator=generator)
+    y = torch.randint(0, 10, (len(specs), 9), generator=generator)
+    grads = stack.gradients(x, y)
+    assert stack.steps == 1 and len(grads) == len(stack.params)
+    for m, model in enumerate(models):
+        F.cross_entropy(model(x[m]), y[m]).backward()
+        named = dict(model.named_parameters())
+        for name, grad, p in zip(stack.names, grads, stack.params):
+            expected = named[name].grad
+            got = grad[m].T if stack._is_linear_weight(name) else grad[m]
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        after = stack.module(m)
+        for name, buffer in model.named_buffers():
+            torch.testing.assert_close(dict(after.named_buffers())[name], buffer, rtol=1e-5, atol=1e-7)
+
+
 def test_gelu_mlps_stack_on_the_autograd_engine():
     from generators.stacked import _MLPStack, _Stack, train_stack
 
@@ -228,10 +263,18 @@ def test_stacked_cnns_with_batchnorm_and_augmentation_equal_the_reference_path()
 def test_large_convolutions_take_the_reference_path_on_a_cpu():
     from generators.plan import shape_key, stack_key
 
-    big = parse_zoo("cnn", dict(CNN_STACK_ZOO, architecture={"name": "cnn", "width": 64, "depth": 2},
-                                training=dict(CNN_STACK_ZOO["training"], batch_size=128))).models()[0]
-    assert shape_key(big) is not None
+    from generators.plan import CNN_STACK_VALUES, group_into_stacks
+
+    def zoo(width, batch):
+        return parse_zoo("cnn", dict(CNN_STACK_ZOO, architecture={"name": "cnn", "width": width, "depth": 2},
+                                     training=dict(CNN_STACK_ZOO["training"], batch_size=batch))).models()
+
+    big = zoo(64, 512)[0]  # 512 x 64 x 8 x 8 values in the first feature map: two would leave the cache
+    assert shape_key(big) is not None and 2 * 512 * 64 * 64 > CNN_STACK_VALUES
     assert stack_key(big) is None or torch.cuda.is_available()
+    # smaller ones stack, as many models as fit within CNN_STACK_VALUES
+    assert [len(s) for s in group_into_stacks(zoo(64, 128))] == [4]  # 524,288 values each
+    assert [len(s) for s in group_into_stacks(zoo(64, 256))] == [2, 2]
 
 
 def test_stacks_are_cut_from_the_whole_zoo_so_reruns_give_the_same_bits(tmp_path):

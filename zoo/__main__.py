@@ -5,8 +5,11 @@ also when the shell started the command with SIGINT ignored (a background job of
 non-interactive shell). After an interrupt the process leaves without Python's interpreter
 teardown: DuckDB's threads may still be returning from the interrupted query, and the teardown
 would stop them mid-call (an abort). What was stored is written atomically, so nothing is lost.
+Every other command also ends without the teardown (after the exit handlers): it only frees
+memory, and took 0.2 s of each command here.
 """
 
+import atexit
 import os
 import signal
 import sys
@@ -21,11 +24,13 @@ def run() -> int:
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         status = 130
-    if status == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status != 130:  # the exit handlers (logging, tqdm's monitor, finalizers), as a normal exit runs them
+        atexit._run_exitfuncs()
+    # Then leave without the interpreter's teardown: freeing ~900 modules took 0.22-0.24 s of every
+    # command here (of a 256-model `zoo generate`'s 9.5 s), and every file is closed by then.
+    os._exit(status)
 
 
 if __name__ == "__main__":
