@@ -25,8 +25,8 @@ from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.errors import StorageError
 from zoo.launch import current_job_id
-from zoo.rows import TrainedModel, pyarrow_without_pandas, write_failure, write_model, write_models
-from zoo.storage import Store
+from zoo.rows import TrainedModel, write_failure, write_model, write_models
+from zoo.storage import Store, pyarrow_without_pandas
 
 from .plan import group_into_stacks, shape_key, stack_key
 

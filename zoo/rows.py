@@ -47,42 +47,6 @@ class TrainedModel:
     resumed_from: int | None = None  # the epoch a resumed run continued after (not stored)
 
 
-def pyarrow_without_pandas() -> None:
-    """Set pyarrow up in this process without importing pandas: for a job's own process only.
-
-    pyarrow imports pandas twice over where a job never needs it: when `pyarrow.dataset` is first
-    imported (by the first `pq.read_table`: a job's first look at what is stored), and at its
-    first conversion of Python objects (`pa.array`, `Table.from_pylist`: every row built here),
-    only to ask whether they are pandas objects. Together that cost 0.6-1.1 s of CPU per training
-    job here, taken from training on the same core. This does both first steps with pandas made
-    unimportable, then lets it be imported again: pyarrow asks once per process, and
-    `pyarrow.dataset` works without pandas. A job hands pyarrow lists and NumPy arrays only, so its
-    rows are the same (a test compares them). Afterwards pyarrow takes pandas objects for plain
-    sequences in this process (`Table.from_pandas` of a null timestamp fails), so a process that
-    hands pyarrow pandas objects must not call this. Nothing happens if pandas is imported already.
-    """
-    import sys
-
-    if "pandas" in sys.modules:
-        return
-
-    class _NoPandas:
-        def find_spec(self, name, path=None, target=None):
-            if name == "pandas":
-                raise ModuleNotFoundError("pandas is not imported by a job (zoo.rows.pyarrow_without_pandas)")
-            return None
-
-    finder = _NoPandas()
-    sys.meta_path.insert(0, finder)
-    try:
-        import pyarrow.dataset  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-
-        pa.array([0])  # pyarrow's one look for pandas, now
-    finally:
-        sys.meta_path.remove(finder)
-
-
 def write_model(store: Store, model: TrainedModel, code_version: str) -> None:
     """Store one model as per-model parts: tensors, curves, checkpoints, then its `models` row
     (the commit)."""
