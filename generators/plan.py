@@ -53,7 +53,7 @@ def _feature_map(spec: ModelSpec) -> int:
 def models_per_stack(spec: ModelSpec, max_models: int = STACK_SIZE) -> int:
     """How many models of `spec`'s key train as one stack: `max_models`, fewer for CNNs whose
     activations would leave the cache (`CNN_STACK_VALUES`). Depends on the zoo alone."""
-    if spec.architecture["name"] == "cnn" and 2 * _feature_map(spec) <= CNN_STACK_VALUES:
+    if spec.architecture["name"] == "cnn" and _pays_on_a_cpu(spec):
         return min(max_models, CNN_STACK_VALUES // _feature_map(spec))
     return max_models  # (MLPs; and CNNs too big for a CPU stack, which stack on CUDA alone)
 

@@ -524,8 +524,8 @@ def pyarrow_without_pandas() -> None:
     pyarrow imports pandas where a job never needs it: when `pyarrow.dataset` is first imported
     (by the first `pq.read_table`: a job's first look at what is stored), or else at its first
     conversion of Python objects (`pa.array`, `Table.from_pylist`: every row `zoo.rows` builds),
-    only to ask whether they are pandas objects. That import cost 0.5-0.6 s of CPU per training job here,
-    taken from training on the same core. This takes both first steps with pandas made
+    only to ask whether they are pandas objects. That import cost 0.5-0.6 s of CPU per training
+    job here, taken from training on the same core. This takes both first steps with pandas made
     unimportable, then lets it be imported again: pyarrow asks once per process, and
     `pyarrow.dataset` works without pandas. A job hands pyarrow lists and NumPy arrays only, so its
     rows are the same (a test compares them). Afterwards pyarrow takes pandas objects for plain
