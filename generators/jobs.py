@@ -12,7 +12,6 @@ once) never duplicates rows.
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +23,7 @@ import zoo
 from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.errors import StorageError
-from zoo.launch import current_job_id
+from zoo.launch import current_job_id, in_job_process, leaving_without_teardown
 from zoo.rows import TrainedModel, write_failure, write_model, write_models
 from zoo.storage import Store, pyarrow_without_pandas
 
@@ -174,9 +173,10 @@ class TrainAndStore(submitit.helpers.Checkpointable):
     and a model cut off mid-training continues from its last saved state (`resume.py`)."""
 
     def __call__(self, root: str, items: Sequence[TrainingItem | str], threads: int = 1) -> JobReport:
-        if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):  # the job's own process (not the
-            pyarrow_without_pandas()  # debug executor's, which is the launcher's)
-        return train_and_store(root, items, threads)
+        if in_job_process():
+            pyarrow_without_pandas()
+        with leaving_without_teardown():  # (entered before `train_and_store` imports torch)
+            return train_and_store(root, items, threads)
 
 
 def work_items(

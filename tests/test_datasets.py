@@ -68,6 +68,15 @@ def test_idx_reader_reads_exactly_the_bytes_written(tmp_path):
     (tmp_path / "c").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
     with pytest.raises(ZooError, match="truncated"):
         read_idx(tmp_path / "c")
+    # the first items only (all of them when fewer are stored); a short file is still refused
+    assert np.array_equal(read_idx(tmp_path / "a.gz", limit=3), images[:3])
+    assert np.array_equal(read_idx(tmp_path / "b", limit=100), images[:, 0, 0])
+    assert np.array_equal(read_idx(tmp_path / "c", limit=2), [1, 2])
+    with pytest.raises(ZooError, match="truncated"):
+        read_idx(tmp_path / "c", limit=3)
+    (tmp_path / "d").write_bytes(bytes([0, 0, 8, 2, 0, 0]))
+    with pytest.raises(ZooError, match="truncated"):
+        read_idx(tmp_path / "d", limit=1)
 
 
 def test_fashion_mnist_from_a_fixture_folder(tmp_path):
@@ -79,6 +88,11 @@ def test_fashion_mnist_from_a_fixture_folder(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
     data = load_dataset({"name": "fashion-mnist", "path": str(tmp_path), "train_size": 10})
     assert data.x_train.shape == (10, 1, 28, 28) and data.x_test.shape == (5, 1, 28, 28)
+    fewer = load_dataset({"name": "fashion-mnist", "path": str(tmp_path), "train_size": 4, "test_size": 2})
+    assert torch.equal(fewer.x_train, data.x_train[:4]) and torch.equal(fewer.x_test, data.x_test[:2])
+    assert fewer.y_train.tolist() == [0, 1, 2, 3] and fewer.y_test.tolist() == [0, 1]
+    with pytest.raises(ZooError, match="train_size 13 exceeds"):
+        load_dataset({"name": "fashion-mnist", "path": str(tmp_path), "train_size": 13})
     expected = (torch.tensor(train_x[:10], dtype=torch.float32) / 255 - 0.2860) / 0.3530
     assert torch.allclose(data.x_train[:, 0], expected)
     assert data.y_train.tolist() == list(range(10))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +141,8 @@ def test_bad_launch_options_are_clear_errors(tmp_path, capsys):
 JOB_WITHOUT_PANDAS = """
 import os, sys
 os.environ["SUBMITIT_EXECUTOR"] = sys.argv[2]
+if sys.argv[2]:  # what else submitit tells a local job's process: where its folder is, its id
+    os.environ.update(SUBMITIT_FOLDER=sys.argv[1] + "-jobs/%j", SUBMITIT_LOCAL_JOB_ID="1")
 from generators.jobs import TrainAndStore, work_items
 from zoo.catalog import load_catalog
 specs = load_catalog(sys.argv[3])["smoke"].models()
@@ -164,3 +167,40 @@ def test_a_job_process_stores_its_rows_without_importing_pandas(smoke_root, tmp_
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     assert out.stdout.split() == ["False" if executor else "True"]
     assert fingerprint(root) == fingerprint(smoke_root)
+
+
+def test_a_job_process_leaves_without_teardown_only_once_its_result_is_saved(tmp_path):
+    # A job's process that imported torch spent 0.5-0.8 s tearing down after its result was
+    # saved; it now leaves at once, but only when the work returned and submitit saved the
+    # result: a job that raised tears down as Python does (and exits with status 1)
+    from tests.exiting_job import record_and_return
+    from zoo.launch import LaunchOptions, run_jobs
+
+    options = LaunchOptions(executor="local", workers=2, items_per_job=1, jobs_dir=tmp_path / "jobs", poll_seconds=0.05)
+    outcomes = run_jobs(record_and_return, ["fine", "raise"], options, "teardown", kwargs={"folder": str(tmp_path)})
+    by_item = {o.items[0]: o for o in outcomes}
+    assert by_item["fine"].result == ["fine"] and by_item["fine"].error is None
+    assert "ValueError: asked to raise" in by_item["raise"].error
+    for item in ("fine", "raise"):
+        pid = int((tmp_path / f"pid-{item}").read_text())
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists()
+    assert not (tmp_path / "torn-down-fine").exists()  # left without the teardown
+    assert (tmp_path / "torn-down-raise").read_text() == "torn down"  # Python's own exit
+
+    # in any other process (the debug executor's is the launcher's) it changes nothing
+    debug = LaunchOptions(executor="debug", jobs_dir=tmp_path / "jobs")
+    assert run_jobs(record_and_return, ["here"], debug, "teardown", kwargs={"folder": str(tmp_path)})[0].result == ["here"]
+
+
+def test_the_generate_command_stores_its_rows_without_importing_pandas(smoke_root, tmp_path):
+    # the command's pyarrow would import pandas (0.5 s of CPU) while its jobs start on both cores
+    # (as `python -m zoo` runs it, `own_process`, without leaving early: then the modules are seen)
+    command = ("import sys; from zoo.cli import main; assert main(sys.argv[1:], own_process=True) == 0; "
+               "print(sorted({'pandas', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", command, "generate", "smoke", "--root", str(tmp_path / "r"), "--executor", "debug",
+                          "--no-progress"], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split() == ["['torch']"]  # (the debug executor trained here)
+    assert fingerprint(tmp_path / "r") == fingerprint(smoke_root)

@@ -25,7 +25,7 @@ def run() -> int:
     try:
         from .cli import main
 
-        status = main()
+        status = main(own_process=True)
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         status = 130

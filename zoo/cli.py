@@ -27,7 +27,7 @@ from pathlib import Path
 from .catalog import load_catalog
 from .errors import ZooError, ZooWarning
 from .launch import EXECUTORS
-from .storage import Store, default_root, safe_name
+from .storage import Store, default_root, pyarrow_without_pandas, safe_name
 
 
 def _common() -> argparse.ArgumentParser:
@@ -183,8 +183,11 @@ def _launch_options(args, zoo_config, **extra):
     return options
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run one command; `own_process`: this process ends with it (the `zoo` command itself), so
+    the command may set the process up for its own speed (see `cmd_generate`)."""
     args = build_parser().parse_args(argv)
+    args.own_process = own_process
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -225,6 +228,9 @@ def cmd_catalog(args) -> int:
 
 def cmd_generate(args) -> int:
     from generators.launcher import generate
+
+    if args.own_process:  # (which hands pyarrow no pandas objects, and ends with the command)
+        pyarrow_without_pandas()
 
     zoo_config = load_catalog(args.catalog)[args.zoo]
     if zoo_config.cluster and args.executor != "slurm" and not args.allow_local:

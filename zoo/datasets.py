@@ -194,22 +194,32 @@ class FashionMnistOptions(Options):
     test_size: int | None = Field(None, ge=1, le=10000, description="keep the first n test images (default all 10,000)")
 
 
-def read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path, limit: int | None = None) -> np.ndarray:
     """Read an IDX file (gzip or plain): the MNIST family's format, big-endian dims then uint8 data.
+    With `limit`, only its first `limit` items are read (and decompressed): a zoo of the first
+    2,000 Fashion-MNIST images took 0.5 s per job to decompress and scale all 60,000.
 
     Written here because it is ten lines and no maintained library reads IDX without also
     downloading things."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ZooError(f"{path}: not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ZooError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(dims))} values)")
-    return data.reshape(dims)
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+            raise ZooError(f"{path}: not an IDX file of unsigned bytes")
+        ndim = head[3]
+        raw_dims = f.read(4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise ZooError(f"{path}: truncated IDX file (its header)")
+        dims = np.frombuffer(raw_dims, dtype=">u4").astype(np.int64)
+        items = int(dims[0]) if ndim else 1
+        if limit is not None and ndim:
+            items = min(items, limit)
+        wanted = items * int(np.prod(dims[1:]))
+        raw = f.read(wanted) if limit is not None else f.read()
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if data.size != wanted:
+        raise ZooError(f"{path}: truncated IDX file ({data.size} of {wanted} values)")
+    return data.reshape((items, *dims[1:]) if ndim else ())
 
 
 @register_dataset("fashion-mnist", FashionMnistOptions, lambda o: ((1, 28, 28), 10), is_image=True)
@@ -228,7 +238,8 @@ def load_fashion_mnist(o: FashionMnistOptions) -> Data:
                 "(or env ZOO_FASHION_MNIST) to a folder holding the four IDX files"
             )
         files.append(found[0])
-    xs_train, ys_train, xs_test, ys_test = (read_idx(f) for f in files)
+    limits = (o.train_size, o.train_size, o.test_size, o.test_size)  # (a file with fewer: `_subset` says so)
+    xs_train, ys_train, xs_test, ys_test = (read_idx(f, n) for f, n in zip(files, limits))
 
     def images(a):
         x = torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0

@@ -519,16 +519,17 @@ def _damage_named(folder: Path):
 
 
 def pyarrow_without_pandas() -> None:
-    """Set pyarrow up in this process without importing pandas: for a job's own process only.
+    """Set pyarrow up in this process without importing pandas: for a training job's own process
+    and the `zoo generate` command's, which hand pyarrow lists and NumPy arrays only.
 
-    pyarrow imports pandas where a job never needs it: when `pyarrow.dataset` is first imported
+    pyarrow imports pandas where these never need it: when `pyarrow.dataset` is first imported
     (by the first `pq.read_table`: a job's first look at what is stored), or else at its first
     conversion of Python objects (`pa.array`, `Table.from_pylist`: every row `zoo.rows` builds),
     only to ask whether they are pandas objects. That import cost 0.5-0.6 s of CPU per training
-    job here, taken from training on the same core. This takes both first steps with pandas made
-    unimportable, then lets it be imported again: pyarrow asks once per process, and
-    `pyarrow.dataset` works without pandas. A job hands pyarrow lists and NumPy arrays only, so its
-    rows are the same (a test compares them). Afterwards pyarrow takes pandas objects for plain
+    job here, taken from training on the same core, and as much in the command, while its jobs
+    start on both cores. This takes both first steps with pandas made unimportable, then lets it
+    be imported again: pyarrow asks once per process, and `pyarrow.dataset` works without pandas.
+    The rows are the same (a test compares them). Afterwards pyarrow takes pandas objects for plain
     sequences in this process (`Table.from_pandas` of a null timestamp fails), so a process that
     hands pyarrow pandas objects must not call this. Nothing happens if pandas is imported already.
     """
