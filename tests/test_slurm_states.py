@@ -181,7 +181,7 @@ def test_launch_patches_no_private_attribute_of_submitit():
     tree = ast.parse((REPO / "zoo" / "launch.py").read_text())
     private = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
                and node.attr.startswith("_") and not node.attr.startswith("__")]
-    assert private == []
+    assert [name for name in private if name != "os._exit"] == []  # (os._exit: documented, public)
 
 
 def test_only_zoo_slurm_calls_sacct_or_squeue():
