@@ -20,10 +20,11 @@ evaluates in batches of 1,000, one process per core x 1 thread.
 
 Then the stacked engine alone (the project's `train_stack`, after imports and a warm-up), to say
 where the time goes and how stacks should fill the cores: all stacks in one process with all
-threads, against one process per core with 1 thread each. Each row gives the population's
-arithmetic (training: 3 x the forward multiply-adds per sample; evaluation: the forward pass over
-train and test after every epoch; x 2 FLOP per multiply-add) per wall second, as a share of this
-machine's float32 matmul peak measured in the same run (a 2048^2 matmul, 1 thread, times cores).
+threads, against one process per core with 1 thread each; for the MLP populations and the CNN
+cells. Each MLP row gives the population's arithmetic (training: 3 x the forward multiply-adds
+per sample; evaluation: the forward pass over train and test after every epoch; x 2 FLOP per
+multiply-add) per wall second, as a share of this machine's float32 matmul peak measured in the
+same run (a 2048^2 matmul, 1 thread, times cores).
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def plain_cnn(width: int, batch: int, epochs: int, processes: int) -> float:
     return run_plain(plain_cnn_worker, 64, processes, lambda jobs, done: (jobs, epochs, width, batch, 1, done))
 
 
-def zoo_generate_cnn(width: int, batch: int, epochs: int, tmp: Path) -> float:
-    """Wall seconds of `python -m zoo generate` of the same CNN population into a fresh root."""
+def write_cnn_catalog(width: int, batch: int, epochs: int, tmp: Path) -> tuple[Path, str]:
+    """A catalog holding the CNN population of one width x batch cell, and the zoo's name."""
     momenta, rates, seeds = grid(64)
     name = f"cnn{width}x{batch}"
     catalog = tmp / f"catalog-{name}.yaml"
@@ -170,6 +171,12 @@ def zoo_generate_cnn(width: int, batch: int, epochs: int, tmp: Path) -> float:
         "seeds": seeds, "training": {"optimizer": "sgd", "batch_size": batch, "epochs": epochs, "weight_decay": 5e-4,
                                      "eval_batch_size": 1000},
         "checkpoints": [0, epochs]}}}))
+    return catalog, name
+
+
+def zoo_generate_cnn(width: int, batch: int, epochs: int, tmp: Path) -> float:
+    """Wall seconds of `python -m zoo generate` of the same CNN population into a fresh root."""
+    catalog, name = write_cnn_catalog(width, batch, epochs, tmp)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "zoo", "generate", name, "--catalog", str(catalog),
                     "--root", str(tmp / f"root-{name}"), "--no-progress"], check=True, capture_output=True)
@@ -245,12 +252,11 @@ def engine_worker(catalog: str, zoo: str, share: int, of: int, threads: int, rea
     done.put(time.perf_counter())
 
 
-def engine(size: int, epochs: int, tmp: Path, processes: int, threads: int) -> float:
-    """Wall seconds of the stacked engine over the population: `processes` x `threads`."""
+def engine(catalog: Path, zoo: str, processes: int, threads: int) -> float:
+    """Wall seconds of the stacked engine over the population of `zoo`: `processes` x `threads`."""
     context = mp.get_context("spawn")
-    catalog = write_catalog(size, epochs, tmp)
     ready, go, done = context.Semaphore(0), context.Event(), context.Queue()
-    workers = [context.Process(target=engine_worker, args=(str(catalog), f"pop{size}", i, processes, threads, ready, go, done))
+    workers = [context.Process(target=engine_worker, args=(str(catalog), zoo, i, processes, threads, ready, go, done))
                for i in range(processes)]
     for w in workers:
         w.start()
@@ -308,10 +314,23 @@ def main() -> None:
         print("| models | 1 process x all threads | one process per core x 1 thread | share of the matmul peak (the faster) |")
         print("|---|---|---|---|")
         for size in args.sizes:
-            threads = size / engine(size, args.epochs, Path(tmp), 1, cores)
-            processes = size / engine(size, args.epochs, Path(tmp), cores, 1)
+            catalog = write_catalog(size, args.epochs, Path(tmp))
+            threads = size / engine(catalog, f"pop{size}", 1, cores)
+            processes = size / engine(catalog, f"pop{size}", cores, 1)
             share = population_flops(size, args.epochs) * max(threads, processes) / size / 1e9 / (peak * cores)
             print(f"| {size} | {threads:.1f} models/s | {processes:.1f} models/s | {share:.1%} |", flush=True)
+        if args.cnn_cells:  # memory-bound stacks: whether two processes or two threads fill the cores better
+            print()
+            print("The stacked engine alone, the fmnist-cnn populations (64 models):")
+            print("| width x batch | 1 process x all threads | one process per core x 1 thread | faster |")
+            print("|---|---|---|---|")
+            for cell in args.cnn_cells:
+                width, batch = (int(v) for v in cell.split("x"))
+                catalog, name = write_cnn_catalog(width, batch, args.cnn_epochs, Path(tmp))
+                threads = 64 / engine(catalog, name, 1, cores)
+                processes = 64 / engine(catalog, name, cores, 1)
+                faster = f"processes, {processes / threads:.2f}x" if processes >= threads else f"threads, {threads / processes:.2f}x"
+                print(f"| {width} x {batch} | {threads:.2f} models/s | {processes:.2f} models/s | {faster} |", flush=True)
 
 
 if __name__ == "__main__":
