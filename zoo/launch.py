@@ -165,10 +165,10 @@ def run_jobs(
         new = []
         while queue and len(running) < limit:
             chunk = queue.pop(0)
-            if new and options.executor == "local":
-                # submitit spaces one executor's submissions 0.2 s apart (its guard for a cluster's
-                # scheduler), which started the second of two local jobs 0.2 s late; a fresh
-                # executor (the same folder and parameters) starts each at once
+            if options.executor == "local":
+                # one executor per local job: submitit spaces one executor's submissions 0.2 s
+                # apart (its guard for a cluster's scheduler), which started the second of two
+                # local jobs 0.2 s late; a fresh one (same folder and parameters) starts at once
                 executor = _executor(options, folder)
             running.append((executor.submit(function, items=chunk, **kwargs), chunk))
             started[id(running[-1][0])] = time.monotonic()
