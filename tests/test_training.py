@@ -157,7 +157,7 @@ def test_a_relu_stack_with_nesterov_and_augmentation_equals_the_reference_path()
 
 @pytest.mark.parametrize("activation,depth,classes", [("relu", 2, 10), ("tanh", 1, 3), ("relu", 1, 16), ("tanh", 3, 17)])
 def test_the_mlp_engines_written_out_gradients_equal_autograd(activation, depth, classes):
-    """`_MLPStack.gradients` (hand-written backward, last layer padded to a multiple of 8) against
+    """`_MLPStack.gradients` (hand-written backward, last layer padded to a multiple of 16) against
     torch.autograd on each model alone, as an nn.Module: every parameter's gradient."""
     from torch.nn import functional as F
 
