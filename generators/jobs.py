@@ -23,7 +23,7 @@ import zoo
 from zoo.catalog import ModelSpec
 from zoo.datasets import load_dataset
 from zoo.errors import StorageError
-from zoo.launch import current_job_id, in_job_process, leaving_without_teardown
+from zoo.launch import current_job_id, in_job_process, keep_freed_memory, leaving_without_teardown
 from zoo.rows import TrainedModel, write_failure, write_model, write_models
 from zoo.storage import Store, pyarrow_without_pandas
 
@@ -175,6 +175,7 @@ class TrainAndStore(submitit.helpers.Checkpointable):
     def __call__(self, root: str, items: Sequence[TrainingItem | str], threads: int = 1) -> JobReport:
         if in_job_process():
             pyarrow_without_pandas()
+            keep_freed_memory()  # (the allocator's settings are the job's own: not in the launcher's process)
         with leaving_without_teardown():  # (entered before `train_and_store` imports torch)
             return train_and_store(root, items, threads)
 
