@@ -220,7 +220,7 @@ class _CNNStack(_Stack):
                 saved.append(h)
             else:  # MaxPool2d(2)
                 out, indices = aten.max_pool2d_with_indices(h, [2, 2], [2, 2], [0, 0], [1, 1], False)
-                saved.append((h, indices))
+                saved.append((h, indices, out))
                 h = out
         pooled = h.mean((2, 3)).reshape(batch, n_models, -1).transpose(0, 1)  # (M, B, C)
         weight, bias = self.params[-2], self.params[-1]  # (M, C, classes), (M, classes)
@@ -234,10 +234,16 @@ class _CNNStack(_Stack):
         for k in reversed(range(len(body))):
             layer, kept = body[k], saved[k]
             if isinstance(layer, nn.ReLU):
-                g = aten.threshold_backward(g, kept, 0).contiguous(memory_format=torch.channels_last)
+                if not (k + 1 < len(body) and isinstance(body[k + 1], nn.MaxPool2d)):  # (else taken at the max-pool)
+                    g = aten.threshold_backward(g, kept, 0).contiguous(memory_format=torch.channels_last)
             elif isinstance(layer, nn.MaxPool2d):
-                g = aten.max_pool2d_with_indices_backward(g.contiguous(memory_format=torch.channels_last), kept[0],
-                                                          [2, 2], [2, 2], [0, 0], [1, 1], False, kept[1])
+                g = g.contiguous(memory_format=torch.channels_last)
+                if k > 0 and isinstance(body[k - 1], nn.ReLU):
+                    # the ReLU's backward on the pooled map, a quarter of the values (0.05 vs 0.45 ms
+                    # for 4 models of width 4 at batch 128, measured here), with the same result:
+                    # each pooled value is the ReLU's output where its gradient goes
+                    g = aten.threshold_backward(g, kept[2], 0)
+                g = aten.max_pool2d_with_indices_backward(g, kept[0], [2, 2], [2, 2], [0, 0], [1, 1], False, kept[1])
             elif isinstance(layer, nn.BatchNorm2d):
                 inputs, mean, invstd = kept
                 g, g_weight, g_bias = aten.native_batch_norm_backward(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -170,7 +171,7 @@ def test_a_job_process_stores_its_rows_without_pandas_and_keeps_the_memory_it_fr
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     pandas, faults = out.stdout.split()
     assert pandas == ("False" if executor else "True")
-    if executor and sys.platform.startswith("linux"):  # (glibc's mallopt)
+    if executor and platform.libc_ver()[0] == "glibc":  # (glibc's mallopt)
         assert float(faults) < 100, faults
     assert fingerprint(root) == fingerprint(smoke_root)
 
@@ -205,14 +206,15 @@ print(before, faults_per_step())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keeping_freed_memory_spares_a_step_its_page_faults():
     # A CNN stack's job faulted its feature maps in again at every step (its 6.4 MB blocks went
     # back to the kernel when freed: glibc's thresholds follow the process's history, so the
     # state is set here by hand); with `keep_freed_memory` they stay with the process
     out = subprocess.run([sys.executable, "-c", KEEPING_FREED_MEMORY], capture_output=True, text=True, cwd=REPO, check=True)
     before, after = (float(v) for v in out.stdout.split())
-    assert before > 15_000 and after < 100, (before, after)  # 12 x 1,563 pages of 4 KB per step, then none
+    # 12 x 1,563 pages of 4 KB per step (fewer where transparent huge pages back some), then none
+    assert before > 3000 and after < 100, (before, after)
 
 
 def test_a_job_process_leaves_without_teardown_only_once_its_result_is_saved(tmp_path):

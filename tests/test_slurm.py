@@ -186,8 +186,8 @@ def wide_mlps(tmp_path: Path, name: str, seeds: int) -> Path:
 def test_a_node_failure_requeues_the_job_and_the_zoo_completes(slurm, tmp_path):
     """Kill slurmd, its step daemons and the job's processes once the job has stored its first
     model and trains its second: SLURM marks the job NODE_FAIL and requeues it once slurmd is
-    back; the launch waits for the requeued run, which trains only the second model, and the zoo
-    is the one a clean run stores."""
+    back; the launch waits for the requeued run, each model is stored once, and the zoo is the one
+    a clean run stores."""
     catalog = wide_mlps(tmp_path, "wide", seeds=2)
     root = tmp_path / "root"
     run = zoo_command("generate", "wide", "--catalog", str(catalog), "--root", str(root), "--executor", "slurm",

@@ -328,6 +328,36 @@ def test_ctrl_c_ends_a_query_with_one_line_and_status_130(attacked, ignored, aft
     assert process.returncode == 130 and err == "zoo: interrupted\n" and out == ""
 
 
+SWALLOWING_COMMAND = """
+import sys, time
+import zoo.cli
+from zoo import __main__ as entry
+def main(argv=None, own_process=False):  # a command whose code catches every exception, KeyboardInterrupt too
+    print("running", flush=True)
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+zoo.cli.main = main
+entry.INTERRUPT_GRACE_S = 1.0
+sys.exit(entry.run())
+"""
+
+
+def test_ctrl_c_ends_the_command_even_where_its_keyboard_interrupt_is_swallowed():
+    # once, under load, a Ctrl-C during `zoo sql`'s imports left the query running (CI): the
+    # interrupt also arms a timer that ends the process with the same line and status
+    process = subprocess.Popen([sys.executable, "-c", SWALLOWING_COMMAND], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=Path(zoo.__file__).parent.parent)
+    assert process.stdout.readline() == "running\n"
+    start = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and err == "zoo: interrupted\n" and out == ""
+    assert 0.9 < time.monotonic() - start < 15
+
+
 def test_a_query_over_the_memory_limit_stops_and_nothing_is_spilled_anywhere(attacked, tmp_path, monkeypatch):
     """DuckDB would spill to `.tmp/` in the working folder, which queries could read and write:
     here a query has to fit in its memory limit, and no temporary folder is readable."""

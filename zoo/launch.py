@@ -60,18 +60,22 @@ def keep_freed_memory(trim_mb: int = 128, mmap_mb: int = 32) -> bool:
     """Have the C library's malloc keep the memory this process frees for its next allocations,
     instead of handing it back to the kernel at once: blocks under `mmap_mb` MB come from the
     heap, and the heap's free top is given back only beyond `trim_mb` MB. Returns whether the
-    settings took (False where the C library has no `mallopt`, as on macOS).
+    settings took (False where the C library has no `mallopt` or ignores it: macOS, musl).
 
     With glibc's defaults (blocks above a threshold that follows the largest block freed are
     mapped and unmapped one by one; the heap is trimmed past twice that threshold), a stacked CNN
     step's feature maps (6.4 MB each for 4 models of width 4, batch 128, 28 x 28) went back to the
     kernel and were faulted in page by page at every step: a step took 31-36 ms, and 15-19 ms with
-    these settings (measured here; the plain one-model loop gains 0-9%). Set by hand through
+    these settings (measured here; a plain one-model loop's step gained 0-9%, and its whole run,
+    evaluation included, up to 1.25x at batch 128: `perf/population_speed.py`). Set by hand through
     ctypes, a few lines: no kept library sets allocator options, and preloading jemalloc or
     tcmalloc (PyTorch's tuning guide) needs a system package and the launch environment."""
     import ctypes
 
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # (no process-wide symbol table to open, as on Windows)
+        return False
     if mallopt is None:
         return False
     return mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) == 1
