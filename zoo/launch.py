@@ -67,7 +67,7 @@ def keep_freed_memory(trim_mb: int = 128, mmap_mb: int = 32) -> bool:
     step's feature maps (6.4 MB each for 4 models of width 4, batch 128, 28 x 28) went back to the
     kernel and were faulted in page by page at every step: a step took 31-36 ms, and 15-19 ms with
     these settings (measured here; a plain one-model loop's step gained 0-9%, and its whole run,
-    evaluation included, up to 1.25x at batch 128: `perf/population_speed.py`). Set by hand through
+    evaluation included, 1.2-1.5x at batch 128: `perf/population_speed.py`). Set by hand through
     ctypes, a few lines: no kept library sets allocator options, and preloading jemalloc or
     tcmalloc (PyTorch's tuning guide) needs a system package and the launch environment."""
     import ctypes
