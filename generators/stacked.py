@@ -276,8 +276,9 @@ class _MLPStack:
     layer's outputs are padded with zero columns to a multiple of 16: oneDNN's batched kernels
     are 3-4x faster at a multiple of 8 than at 10 columns, and torch's softmax at a multiple of
     its vector width (16 floats with AVX-512; see `gradients`). The padding stays zero (its
-    gradient is zero) and is never seen outside. A test checks every gradient against autograd. Evaluation runs in chunks of `EVAL_CHUNK` samples, whose
-    activations for 256 models stay in cache (3x faster than one 2048-sample chunk)."""
+    gradient is zero) and is never seen outside. A test checks every gradient against autograd.
+    Evaluation runs in chunks of `EVAL_CHUNK` samples, whose activations for 256 models stay in
+    cache (3x faster than one 2048-sample chunk)."""
 
     EVAL_CHUNK = 128
     ACTIVATIONS = {nn.ReLU: (torch.relu, lambda g, h: torch.ops.aten.threshold_backward(g, h, 0)),
@@ -445,10 +446,10 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
             if t.augmentation == "flip-crop":  # each model's own stream, drawn as the reference path draws it
                 x = torch.stack([augment(x[m], t.crop_padding, augmentations[m]) for m in range(n_models)])
             grads = stack.gradients(x, y_train.index_select(0, idx.reshape(-1)).reshape(idx.shape))
-            now = {rank: (lr[step_count], momentum[step_count]) for rank, (lr, momentum, _) in schedules.items()}
+            now = {rank: (lr[step_count], momentum[step_count], weight_decay) for rank, (lr, momentum, weight_decay) in schedules.items()}
             with torch.no_grad():
                 for k, (p, g) in enumerate(zip(stack.params, grads)):
-                    buffers[k] = _sgd_step(p, g, buffers[k], *now[p.dim()], schedules[p.dim()][2], t.nesterov)
+                    buffers[k] = _sgd_step(p, g, buffers[k], *now[p.dim()], t.nesterov)
             step_count += 1
         record(epoch)
     seconds = (time.perf_counter() - start) / n_models

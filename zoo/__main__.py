@@ -39,9 +39,7 @@ _timers: list[threading.Timer] = []
 
 def _leave_interrupted() -> None:
     print("zoo: interrupted", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    _exit_now(130)
 
 
 def run() -> int:
@@ -59,9 +57,7 @@ def run() -> int:
         print("zoo: interrupted", file=sys.stderr)
         status = 130
     if status == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        _exit_now(status)
     _finished.append(status)
     return status
 
@@ -71,9 +67,14 @@ _finished: list[int] = []  # the command's exit status, once it returned one
 
 def _leave() -> None:
     if _finished:  # (not after an uncaught exception: Python then reports it and exits as usual)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_finished[0])
+        _exit_now(_finished[0])
+
+
+def _exit_now(status: int) -> None:
+    """Leave with `status` at once, without the interpreter's teardown (module docstring)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
