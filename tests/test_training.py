@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from generators.training import augment, derive_seed, epoch_batches, train
+from generators.training import BatchOrder, augment, batch_sizes, derive_seed, epoch_indices, train
 from zoo.architectures import build_model
 from zoo.catalog import Training, parse_zoo
 from zoo.datasets import load_dataset
@@ -66,14 +66,29 @@ def test_cnn_with_batchnorm_and_augmentation_trains_deterministically():
 
 def test_epoch_batches_without_and_with_a_step_budget():
     t = Training(epochs=2, batch_size=32)
-    epoch = next(epoch_batches(100, t, torch.Generator().manual_seed(0)))
-    assert [len(b) for b in epoch] == [32, 32, 32, 4]
+    epoch = BatchOrder(100, t, torch.Generator().manual_seed(0)).next_epoch()
+    assert [len(b) for b in epoch] == [32, 32, 32, 4] == batch_sizes(100, t)
     assert sorted(torch.cat(epoch).tolist()) == list(range(100))
     budget = Training(epochs=2, batch_size=32, steps_per_epoch=7)
     for n in (50, 1000):
-        stream = epoch_batches(n, budget, torch.Generator().manual_seed(0))
-        first, second = next(stream), next(stream)
+        order = BatchOrder(n, budget, torch.Generator().manual_seed(0))
+        first, second = order.next_epoch(), order.next_epoch()
         assert len(first) == len(second) == 7 and all(len(b) == 32 for b in first + second)
+        assert batch_sizes(n, budget) == [32] * 7
+
+
+@pytest.mark.parametrize("steps", [None, 7])
+def test_an_epochs_indices_are_its_batches_one_after_another(steps):
+    """The stacked engine reads each epoch as one index tensor (`epoch_indices`): the same
+    batches, in the same order, leaving the generator and the stream where `next_epoch` does."""
+    t = Training(epochs=3, batch_size=32, steps_per_epoch=steps)
+    for n in (50, 100, 1000):
+        generator = torch.Generator().manual_seed(3)
+        order, stream = BatchOrder(n, t, torch.Generator().manual_seed(3)), epoch_indices(n, t, generator)
+        for _ in range(3):
+            indices = next(stream)
+            assert torch.equal(torch.cat(order.next_epoch()), indices) and len(indices) == sum(batch_sizes(n, t))
+            assert torch.equal(order.generator.get_state(), generator.get_state())
 
 
 def test_augment_flips_and_crops_per_sample():
