@@ -10,6 +10,7 @@ README's first command plus `zoo metrics`. The target on the 2-core machine (iss
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="digits-mlp")
     parser.add_argument("--root", type=Path, default=None, help="a fresh root (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file (perf/speed_targets.py reads it)")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,6 +47,9 @@ def main() -> None:
         print(f"{date.today()}  {cpu}  {len(__import__('os').sched_getaffinity(0))} cores")
         print(f"{args.zoo}: {models} models, {rows} metric rows")
         print(f"zoo generate {generate:.0f} s + zoo metrics {metrics:.0f} s = {(generate + metrics) / 60:.1f} minutes")
+        if args.json:
+            args.json.write_text(json.dumps({"zoo": args.zoo, "models": models, "metric_rows": rows,
+                                             "generate_s": generate, "metrics_s": metrics}, indent=1))
 
 
 if __name__ == "__main__":

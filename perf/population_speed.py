@@ -31,6 +31,7 @@ same run (a 2048^2 matmul, 1 thread, times cores).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -297,10 +298,13 @@ def main() -> None:
     parser.add_argument("--cnn-cells", nargs="*", default=["4x32", "4x128", "8x128"],
                         help="fmnist-cnn cells (width x batch size) to measure; none: skip the CNNs")
     parser.add_argument("--cnn-epochs", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file (perf/speed_targets.py reads it)")
     args = parser.parse_args()
+    figures: dict = {"peak_gflops_per_core": None, "mlp": {}, "cnn": {}, "engine_mlp": {}, "engine_cnn": {}}
     cores = os.cpu_count() or 1
     with mp.get_context("spawn").Pool(1) as pool:
         peak = pool.apply(matmul_peak)
+    figures["peak_gflops_per_core"] = peak
     print(f"{cores} cores; float32 matmul peak {peak:.1f} GFLOP/s per core ({peak * cores:.0f} for {cores}); "
           f"digits MLP 64-32-32-10, batch 32, {args.epochs} epochs, evaluation every epoch")
     print("| models | plain loop, 1 process x all threads | plain loops, one process per core x 1 thread (glibc's malloc "
@@ -316,6 +320,8 @@ def main() -> None:
             best = max(one or 0.0, per_core)
             share = population_flops(size, args.epochs) / seconds / 1e9 / (peak * cores)
             one_text = f"{one:.2f} models/s" if one is not None else "not run"
+            figures["mlp"][size] = {"plain_one_process": one, "plain_per_core_defaults": defaults, "plain_per_core_kept": kept,
+                                    "zoo_generate": ours, "ratio": ours / best, "peak_share": share}
             print(f"| {size} | {one_text} | {defaults:.2f} / {kept:.2f} models/s | {ours:.2f} models/s | **{ours / best:.2f}x** | "
                   f"{share:.1%} |", flush=True)
         if args.cnn_cells:
@@ -329,6 +335,8 @@ def main() -> None:
                 defaults = 64 / plain_cnn(width, batch, args.cnn_epochs, cores)
                 kept = 64 / plain_cnn(width, batch, args.cnn_epochs, cores, keep_memory=True)
                 ours = 64 / zoo_generate_cnn(width, batch, args.cnn_epochs, Path(tmp))
+                figures["cnn"][cell] = {"plain_per_core_defaults": defaults, "plain_per_core_kept": kept, "zoo_generate": ours,
+                                        "ratio": ours / max(defaults, kept)}
                 print(f"| {width} x {batch} | {defaults:.2f} / {kept:.2f} models/s | {ours:.2f} models/s | "
                       f"**{ours / max(defaults, kept):.2f}x** |", flush=True)
         print()
@@ -341,6 +349,7 @@ def main() -> None:
             processes = size / engine(catalog, f"pop{size}", cores, 1)
             share = population_flops(size, args.epochs) * max(threads, processes) / size / 1e9 / (peak * cores)
             print(f"| {size} | {threads:.1f} models/s | {processes:.1f} models/s | {share:.1%} |", flush=True)
+            figures["engine_mlp"][size] = {"one_process": threads, "per_core": processes, "peak_share": share}
         if args.cnn_cells:  # memory-bound stacks: whether two processes or two threads fill the cores better
             print()
             print("The stacked engine alone, the fmnist-cnn populations (64 models):")
@@ -352,7 +361,12 @@ def main() -> None:
                 threads = 64 / engine(catalog, name, 1, cores)
                 processes = 64 / engine(catalog, name, cores, 1)
                 faster = f"processes, {processes / threads:.2f}x" if processes >= threads else f"threads, {threads / processes:.2f}x"
+                plain_best = max(figures["cnn"].get(cell, {}).get(k) or 0.0 for k in ("plain_per_core_defaults", "plain_per_core_kept"))
+                figures["engine_cnn"][cell] = {"one_process": threads, "per_core": processes,
+                                               "ratio_to_plain": max(threads, processes) / plain_best if plain_best else None}
                 print(f"| {width} x {batch} | {threads:.2f} models/s | {processes:.2f} models/s | {faster} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

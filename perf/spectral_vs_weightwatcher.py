@@ -28,10 +28,12 @@ import argparse
 import contextlib
 import datetime
 import io
+import json
 import logging
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timing rounds (the fastest is kept)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file (perf/speed_targets.py reads it)")
     args = parser.parse_args()
 
     logging.getLogger("weightwatcher").setLevel(logging.WARNING)
@@ -198,6 +201,11 @@ def main() -> None:
     if worst is not None:
         print(f"  worst layer: {worst[1]} eigenvalues, alpha ours {worst[2]:.6f}, WW {worst[3]:.6f}")
     print(f"  {small} layers have < {SMALL_N} eigenvalues (WeightWatcher's small-sample fit): not comparable, not counted")
+    if args.json:
+        args.json.write_text(json.dumps({"models": n, "ours_ms_per_model": seconds_ours / n * 1e3,
+                                         "weightwatcher_ms_per_model": float(seconds_ww.mean()) * 1e3,
+                                         "ratio": float(seconds_ww.sum() / seconds_ours), "alpha_max_difference": float(diffs.max()),
+                                         "layers_compared": len(diffs), "threads": args.threads}, indent=1))
 
 
 if __name__ == "__main__":
