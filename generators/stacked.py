@@ -227,7 +227,7 @@ class _CNNStack(_Stack):
         weight, bias = self.params[-2], self.params[-1]  # (M, C, classes), (M, classes)
         logits = torch.baddbmm(bias[:, None, :], pooled, weight)
         g = torch.softmax(logits, 2)
-        g.scatter_add_(2, y[:, :, None], _minus_ones(n_models, batch, g.device)).div_(batch)
+        g.scatter_add_(2, y[:, :, None], _minus_ones(n_models, batch, g.device, g.dtype)).div_(batch)
         grads: dict[int, torch.Tensor] = {len(self.params) - 2: torch.bmm(pooled.transpose(1, 2), g), len(self.params) - 1: g.sum(1)}
         g = torch.bmm(g, weight.transpose(1, 2)).transpose(0, 1).reshape(batch, -1, 1, 1).div_(h.shape[2] * h.shape[3])
         g = g.expand(h.shape)  # the average pool's backward, as a broadcast (the ReLU's backward reads it)
@@ -328,7 +328,7 @@ class _MLPStack:
         # vector width takes a path ~8x slower per row (10 vs 16 columns, 1,024 rows: 200 vs
         # 23 us, measured here), 17% of a 32-model stack's step.
         g = torch.softmax(h.add_(self.padding), 2)
-        g.scatter_add_(2, y[:, :, None], _minus_ones(n_models, batch, g.device)).div_(batch)
+        g.scatter_add_(2, y[:, :, None], _minus_ones(n_models, batch, g.device, g.dtype)).div_(batch)
         grads: list[torch.Tensor] = [None] * len(self.params)  # type: ignore[list-item]
         for layer in reversed(range(len(self.linears))):
             grads[2 * layer] = torch.bmm(inputs[layer].transpose(1, 2), g)
@@ -369,10 +369,10 @@ class _MLPStack:
 
 
 @functools.lru_cache(maxsize=8)
-def _minus_ones(n_models: int, batch: int, device: torch.device) -> torch.Tensor:
+def _minus_ones(n_models: int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(M, B, 1) of -1, added at each sample's label to turn the softmax into the cross-entropy's
     gradient; kept across steps (read only)."""
-    return torch.full((n_models, batch, 1), -1.0, device=device)
+    return torch.full((n_models, batch, 1), -1.0, device=device, dtype=dtype)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -420,8 +420,7 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
     decay = decay if decay.any() else None
     # per parameter rank, shaped once to broadcast over (M, ...) parameters: reshaping them for
     # every parameter at every step took 6% of a 32-model MLP stack's time (measured here)
-    # (as lists of each step's tensors: indexing the stacked schedules took two selects per rank)
-    schedules = {rank: (lrs.reshape(len(lrs), -1, *[1] * (rank - 1)).unbind(), momenta.reshape(len(momenta), -1, *[1] * (rank - 1)).unbind(),
+    schedules = {rank: (lrs.reshape(len(lrs), -1, *[1] * (rank - 1)), momenta.reshape(len(momenta), -1, *[1] * (rank - 1)),
                         None if decay is None else decay.reshape(-1, *[1] * (rank - 1)))
                  for rank in {p.dim() for p in stack.params}}
     buffers: list[torch.Tensor | None] = [None] * len(stack.params)
@@ -446,8 +445,13 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
     step_count = 0
     for epoch in range(1, t.epochs + 1):
         order = torch.stack([next(stream) for stream in streams]).to(device)  # (M, samples this epoch)
+        # this epoch's schedules as tuples of per-step views (indexing the stacked tensors took two
+        # selects per rank and step; views of a whole run would hold one small tensor per step)
+        steps = slice(step_count, step_count + len(sizes))
+        epoch_schedules = {rank: (lr[steps].unbind(), momentum[steps].unbind(), weight_decay)
+                           for rank, (lr, momentum, weight_decay) in schedules.items()}
         offset = 0
-        for size in sizes:
+        for step, size in enumerate(sizes):
             idx = order[:, offset : offset + size]  # (M, B): each model's own batch
             offset += size
             # (M, B, *input_shape): the same gather as x_train[idx], 5x faster (118 vs 22 us for a
@@ -456,7 +460,7 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
             if t.augmentation == "flip-crop":  # each model's own stream, drawn as the reference path draws it
                 x = torch.stack([augment(x[m], t.crop_padding, augmentations[m]) for m in range(n_models)])
             grads = stack.gradients(x, y_train.index_select(0, idx.reshape(-1)).reshape(idx.shape))
-            now = {rank: (lr[step_count], momentum[step_count], weight_decay) for rank, (lr, momentum, weight_decay) in schedules.items()}
+            now = {rank: (lr[step], momentum[step], weight_decay) for rank, (lr, momentum, weight_decay) in epoch_schedules.items()}
             with torch.no_grad():
                 for k, (p, g) in enumerate(zip(stack.params, grads)):
                     buffers[k] = _sgd_step(p, g, buffers[k], *now[p.dim()], t.nesterov)
@@ -473,8 +477,9 @@ def _sgd_step(p, g, buffer, lr, momentum, decay, nesterov: bool):
     fresh tensor, consumed) becomes the momentum buffer on the first step."""
     if decay is not None:
         g = g.addcmul_(decay, p)
-    # g + momentum * buffer in one pass over the buffer (mul_ then add_ took two; the same
-    # rounding unless the kernel fuses the multiply-add)
+    # g + momentum * buffer in one pass over the buffer (mul_ then add_ took two). Where the
+    # kernel fuses the multiply-add (CUDA's does) the last bit may differ from torch.optim.SGD's
+    # two roundings: equal to the reference path to float rounding, as the tests check.
     buffer = g if buffer is None else torch.addcmul(g, buffer, momentum, out=buffer)
     step = torch.addcmul(g, momentum, buffer) if nesterov else buffer
     p.addcmul_(lr, step, value=-1)

@@ -1,7 +1,7 @@
 """End to end: `zoo generate ZOO` then `zoo metrics ZOO` (all families, final epoch) in a fresh
-root, as a user runs them, timed by wall clock; then one phase-diagram query.
+root, as a user runs them, timed by wall clock; then the rows they stored are counted.
 
-    python perf/end_to_end.py [--zoo digits-mlp] [--root DIR]
+    python perf/end_to_end.py [--zoo digits-mlp] [--root DIR] [--json FILE]
 
 Both commands run as subprocesses with the default local executor (all cores), exactly the
 README's first command plus `zoo metrics`. The target on the 2-core machine (issue #17): <= 4 minutes.

@@ -2,6 +2,7 @@
 plain PyTorch loop a user would write, one process per core, in the same run.
 
     python perf/population_speed.py [--sizes 64 256] [--epochs 20] [--single-process-sizes 64]
+                                    [--cnn-cells 4x32 4x128 8x128] [--cnn-epochs 2] [--json FILE]
 
 The population (as issue #17 measured it): the digits MLP 64-32-32-10, batch 32, SGD with momentum,
 20 epochs, train and test evaluation after every epoch; a momentum x learning-rate grid, 4 seeds

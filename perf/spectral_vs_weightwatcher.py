@@ -1,7 +1,7 @@
 """Spectral alpha over a population: our batched path against WeightWatcher 0.7.7, in one process run.
 
     python perf/spectral_vs_weightwatcher.py [--widths 32 128 512] [--seeds 8] [--batch-sizes 16 32 64 128]
-                                             [--epochs 5] [--threads 1] [--repeats 2]
+                                             [--epochs 5] [--threads 1] [--repeats 2] [--json FILE]
 
 The population: digits MLPs 64-w-w-10, one per (width, batch size, seed), trained briefly by the
 reference path (`generators.training.train`, SGD lr 0.05 momentum 0.9), not left at random

@@ -64,7 +64,7 @@ def test_cnn_with_batchnorm_and_augmentation_trains_deterministically():
     assert any(e.name.endswith("running_mean") for e in buffers)
 
 
-def test_epoch_batches_without_and_with_a_step_budget():
+def test_batch_order_without_and_with_a_step_budget():
     t = Training(epochs=2, batch_size=32)
     epoch = BatchOrder(100, t, torch.Generator().manual_seed(0)).next_epoch()
     assert [len(b) for b in epoch] == [32, 32, 32, 4] == batch_sizes(100, t)
@@ -86,8 +86,8 @@ def test_an_epochs_indices_are_its_batches_one_after_another(steps):
         generator = torch.Generator().manual_seed(3)
         order, stream = BatchOrder(n, t, torch.Generator().manual_seed(3)), epoch_indices(n, t, generator)
         for _ in range(3):
-            indices = next(stream)
-            assert torch.equal(torch.cat(order.next_epoch()), indices) and len(indices) == sum(batch_sizes(n, t))
+            indices, batches = next(stream), order.next_epoch()
+            assert torch.equal(torch.cat(batches), indices) and [len(b) for b in batches] == batch_sizes(n, t)
             assert torch.equal(order.generator.get_state(), generator.get_state())
 
 
@@ -154,10 +154,10 @@ def test_stacked_training_equals_the_reference_path():
 RELU_STACK_ZOO = dict(STACK_ZOO, architecture={"name": "mlp", "width": 20, "depth": 3},
                       load={"name": "weight_decay", "values": [0.0, 1e-3]},
                       training=dict(STACK_ZOO["training"], weight_decay=0.0, nesterov=True, schedule="constant",
-                                    augmentation="flip-crop", crop_padding=1, momentum=0.9))
+                                    augmentation="flip-crop", crop_padding=1, momentum=0.9, steps_per_epoch=5))
 
 
-def test_a_relu_stack_with_nesterov_and_augmentation_equals_the_reference_path():
+def test_a_relu_stack_with_nesterov_augmentation_and_a_step_budget_equals_the_reference_path():
     from generators.stacked import train_stack
 
     specs = parse_zoo("relu", RELU_STACK_ZOO).models()

@@ -11,7 +11,7 @@ and it is intact when it matches any of them. Appends take a shared lock on the 
 version, or copied in) is checked by decoding it in full. Checkpoint rows are checked against
 their weight hashes either way. A damaged file is moved out of `tables/` into `quarantine/`,
 so the rest of the zoo stays queryable, and models that lost rows with it are un-stored so the
-next `zoo generate` retrains them (training is deterministic: the same bits as before).
+next `zoo generate` retrains them (training is deterministic: the same code gives the same bits).
 
 Temporary names carry the writer's host and pid: a file left by a writer killed mid-write is
 removed by the next `sweep_temporary` once that pid is gone (or after a day, from other hosts).
