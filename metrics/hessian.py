@@ -26,8 +26,8 @@ each submodule's training flag and the parameters' ``.grad`` as they were before
   tr(H) is a sum of squared per-sample gradient norms, which C backward passes for C classes give
   layer by layer, against one Hessian-vector product per parameter for the diagonal of H otherwise.
 - Error bars: eigenvalue results carry their Ritz residuals ||H x - theta x|| (a bound on the
-  distance to an eigenvalue of H; the Lanczos path takes them on a float64 copy of the model,
-  ``_float64_residuals``); trace results a ``stderr`` (0 when exact).
+  distance to an eigenvalue of H; the Krylov and Lanczos paths take them on a float64 copy of the
+  model, ``_float64_residuals``); trace results a ``stderr`` (0 when exact).
 - The spectral density is stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019,
   "An Investigation into Neural Net Optimization via Hessian Eigenvalue Density"), written
   here because PyHessian 0.1's ``density()`` calls ``torch.eig``, which torch removed.
@@ -352,7 +352,9 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
     are used (never fewer than ``min_probes``). Exact once the space reaches the parameter count.
     Every Hessian-vector product serves both quantities, and all run through one gradient graph
     when the batches are one (``_gradient_graph``; ``hvp_block`` for how a block is taken).
-    Deterministic for a given ``seed``; the global torch RNG is untouched.
+    Deterministic for a given ``seed``; the global torch RNG is untouched. The returned
+    ``residuals`` are each top pair's ||H x - theta x|| on a float64 copy of the model (one more
+    product each, not counted: ``_float64_residuals``), not the float32 ones the stop tested.
     ``trace=False`` draws no probes (for the eigenvalues alone): the trace is then NaN unless the
     space spans every parameter.
     """
@@ -414,6 +416,9 @@ def krylov_top_eigenvalues_and_trace(model: nn.Module, batches: Batches, top_n: 
                 break
         low_rank = float(torch.trace(t))
         exhausted = k >= n_params  # the space spans everything: the trace is exact
+        # the stored error bars: each pair's residual on the true Hessian (the stop above used
+        # the float32 products' own, which float32's rounding of the Hessian can exceed)
+        residuals = torch.tensor(_float64_residuals(model, batches, n_samples, q @ u, theta))
         vhv = _deflated_probes(apply, rademacher, q, low_rank, trace_tol, max_probes, min_probes) if trace and not exhausted else []
     rest_trace = float(np.mean(vhv)) if vhv else 0.0
     total = low_rank + rest_trace if trace or exhausted else float("nan")
