@@ -261,7 +261,7 @@ def hessian_density(model: nn.Module, batches: Batches, n_iter: int = 100, n_v: 
         for _ in range(n_v):
             start = torch.randint(0, 2, (n_params,), generator=generator,
                                   dtype=torch.float64) * 2 - 1
-            alphas, betas, _, _ = _lanczos(matvec, start, n_iter)
+            alphas, betas, _ = _lanczos(matvec, start, n_iter)
             theta, u = torch.linalg.eigh(_tridiagonal(alphas, betas))
             nodes.append(theta)
             weights.append(u[0] ** 2 / n_v)
@@ -286,8 +286,8 @@ def lanczos_top_eigenvalues(model: nn.Module, batches: Batches, top_n: int = 1, 
     start = torch.randint(0, 2, (n_params,), generator=generator, dtype=torch.float64) * 2 - 1
     with eval_mode(model):
         graph = _gradient_graph(model, params, batches, n_samples)
-        alphas, betas, _, basis = _lanczos(lambda v: _hvp_flat(model, params, batches, n_samples, v, graph), start,
-                                           max(n_iter, top_n))
+        alphas, betas, basis = _lanczos(lambda v: _hvp_flat(model, params, batches, n_samples, v, graph), start,
+                                        max(n_iter, top_n))
     ritz, u = torch.linalg.eigh(_tridiagonal(alphas, betas))
     ritz, u = ritz.flip(0)[:top_n], u.flip(1)[:, :top_n]
     # Not the next off-diagonal entry times the last component of u (the residual of the products
@@ -594,14 +594,13 @@ def hvp(model: nn.Module, batches: Batches, v: torch.Tensor) -> torch.Tensor:
         return _hvp_flat(model, params, batches, n_samples, v).to(v.dtype)
 
 
-def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], list[float], float, torch.Tensor]:
+def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], list[float], torch.Tensor]:
     """Lanczos tridiagonalisation with full reorthogonalisation, in float64.
 
     Returns the diagonal ``alphas`` and off-diagonal ``betas`` of T (len(betas) ==
-    len(alphas) - 1), the norm of the last residual (the next off-diagonal entry; 0 after
-    a breakdown or when the space is exhausted), and the basis (one row per step). Each new direction is orthogonalised against all previous ones twice
-    (classical Gram-Schmidt, "twice is enough"). Stops early when the residual norm falls
-    below 10 float32 epsilons (the usual precision of the products) times the largest entry
+    len(alphas) - 1) and the basis (one row per step). Each new direction is orthogonalised
+    against all previous ones twice (classical Gram-Schmidt, "twice is enough"). Stops early when
+    the residual norm falls below 10 float32 epsilons (the usual precision of the products) times the largest entry
     of T so far, i.e. an invariant subspace has been found, or after ``len(start)`` steps.
     ``start`` need not be normalised.
     """
@@ -621,13 +620,11 @@ def _lanczos(matvec, start: torch.Tensor, n_iter: int) -> tuple[list[float], lis
             w = w - previous.T @ (previous @ w)
         beta = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(alphas[-1]), beta)
-        if beta <= breakdown * scale or len(alphas) == start.numel():
-            return alphas, betas, 0.0, basis[: len(alphas)]
-        if j == steps - 1:
+        if beta <= breakdown * scale or j == steps - 1:  # (an invariant subspace, or the last step)
             break
         betas.append(beta)
         v = w / beta
-    return alphas, betas, beta, basis[: len(alphas)]
+    return alphas, betas, basis[: len(alphas)]
 
 
 def _float64_residuals(model: nn.Module, batches: Batches, n_samples: int, vectors: torch.Tensor,
