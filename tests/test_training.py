@@ -231,6 +231,42 @@ def test_the_cnn_engines_written_out_gradients_equal_autograd(architecture):
             torch.testing.assert_close(dict(after.named_buffers())[name], buffer, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 1, 6, 4), (4, 6, 28, 28)])
+def test_the_engines_max_pool_equals_max_pool2d_with_ties_nan_and_odd_sizes(shape):
+    from torch.nn import functional as F
+
+    from generators.stacked import _channels_last, _max_pool_2x2
+
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).round()  # whole numbers: many ties
+    images[0, 0, 0, :3] = float("nan")
+    pooled = _max_pool_2x2(_channels_last(images))
+    expected = F.max_pool2d(images, 2)  # a last odd row or column dropped
+    assert pooled.shape == expected.shape and pooled.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pooled.isnan(), expected.isnan()) and pooled.isnan().any()
+    assert torch.equal(pooled.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("architecture", [{"name": "cnn", "width": 3, "depth": 2},
+                                          {"name": "cnn", "width": 2, "depth": 3, "kernel_size": 4, "batchnorm": False}])
+def test_a_cnn_stacks_evaluation_forward_gives_the_bits_of_the_plain_layer_by_layer_one(architecture):
+    """Evaluation (no gradient) takes each ReLU after its max-pool, on `_max_pool_2x2`; with
+    gradients on, the same forward runs layer by layer with max_pool2d. Both give the same bits,
+    on digits (flat regions: tied windows) and on odd sizes (kernel 4 grows 8 x 8 images to 9 x 9)."""
+    from generators.stacked import _CNNStack
+
+    specs = parse_zoo("c", dict(CNN_STACK_ZOO, architecture=architecture)).models()
+    stack = _CNNStack(specs, torch.device("cpu"))
+    data = load_dataset(specs[0].dataset)
+    x = data.x_test[:50]
+    with torch.no_grad():
+        fast = stack.logits(x, training=False)
+    with torch.enable_grad():
+        plain = stack.logits(x, training=False)
+    assert plain.requires_grad is False and torch.equal(fast, plain)
+    for m in range(len(specs)):  # and each model alone, as an nn.Module in eval mode, to float rounding
+        torch.testing.assert_close(fast[m], stack.module(m).eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_mlps_stack_on_the_autograd_engine():
     from generators.stacked import _MLPStack, _Stack, train_stack
 
