@@ -251,7 +251,7 @@ class _CNNStack(_Stack):
         for k in reversed(range(len(body))):
             layer, kept = body[k], saved[k]
             if isinstance(layer, nn.ReLU):
-                if not (k + 1 < len(body) and isinstance(body[k + 1], nn.MaxPool2d)):  # (else taken at the max-pool)
+                if not _relu_then_pool_2x2(body, k):  # (else taken at the max-pool)
                     g = aten.threshold_backward(g, kept, 0).contiguous(memory_format=torch.channels_last)
             elif isinstance(layer, nn.MaxPool2d):
                 inputs, indices, pooled = kept

@@ -248,21 +248,25 @@ def test_the_engines_max_pool_equals_max_pool2d_with_ties_nan_and_odd_sizes(shap
 
 @pytest.mark.parametrize("architecture", [{"name": "cnn", "width": 3, "depth": 2},
                                           {"name": "cnn", "width": 2, "depth": 3, "kernel_size": 4, "batchnorm": False}])
-def test_a_cnn_stacks_evaluation_forward_gives_the_bits_of_the_plain_layer_by_layer_one(architecture):
+def test_a_cnn_stacks_evaluation_forward_gives_the_values_of_the_plain_layer_by_layer_one(architecture, monkeypatch):
     """Evaluation (no gradient) takes each ReLU after its max-pool, on `_max_pool_2x2`; with
-    gradients on, the same forward runs layer by layer with max_pool2d. Both give the same bits,
+    gradients on, the same forward runs layer by layer with max_pool2d. Both give the same values,
     on digits (flat regions: tied windows) and on odd sizes (kernel 4 grows 8 x 8 images to 9 x 9)."""
-    from generators.stacked import _CNNStack
+    from generators import stacked
 
+    pools, pool = [], stacked._max_pool_2x2
+    monkeypatch.setattr(stacked, "_max_pool_2x2", lambda images: pools.append(1) or pool(images))  # counted
     specs = parse_zoo("c", dict(CNN_STACK_ZOO, architecture=architecture)).models()
-    stack = _CNNStack(specs, torch.device("cpu"))
+    stack = stacked._CNNStack(specs, torch.device("cpu"))
     data = load_dataset(specs[0].dataset)
     x = data.x_test[:50]
     with torch.no_grad():
         fast = stack.logits(x, training=False)
+    assert len(pools) == architecture["depth"] - 1  # (the pool of each block but the last: the fast path ran)
     with torch.enable_grad():
         plain = stack.logits(x, training=False)
-    assert plain.requires_grad is False and torch.equal(fast, plain)
+    assert len(pools) == architecture["depth"] - 1 and plain.requires_grad is False
+    assert torch.equal(fast, plain)
     for m in range(len(specs)):  # and each model alone, as an nn.Module in eval mode, to float rounding
         torch.testing.assert_close(fast[m], stack.module(m).eval()(x), rtol=1e-5, atol=1e-5)
 
