@@ -442,6 +442,14 @@ def _scores(logits_of, x: torch.Tensor, y: torch.Tensor, chunk: int, n_models: i
     return [(float(loss) / len(x), int(c) / len(x)) for loss, c in zip(losses.cpu(), correct.cpu())]
 
 
+def build_stack(specs: list[ModelSpec], device: torch.device) -> _Stack | _MLPStack:
+    """The engine that trains `specs` (one `shape_key`) as a stack, at their initialisation: the
+    written-out MLP or CNN engine where the layers fit it, else the autograd one."""
+    layers = list(initial_model(specs[0]))
+    engine = _MLPStack if _MLPStack.fits(layers) else _CNNStack if _CNNStack.fits(layers) else _Stack
+    return engine(specs, device)
+
+
 def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str | None = None) -> list[TrainedModel]:
     """Train the stackable models `specs` (one `shape_key`) together; one TrainedModel each.
 
@@ -454,9 +462,7 @@ def train_stack(specs: list[ModelSpec], data: Data, device: torch.device | str |
     start = time.perf_counter()
     t = specs[0].training
     device = torch.device(device) if device is not None else run_device()
-    layers = list(initial_model(specs[0]))
-    engine = _MLPStack if _MLPStack.fits(layers) else _CNNStack if _CNNStack.fits(layers) else _Stack
-    stack = engine(specs, device)
+    stack = build_stack(specs, device)
     n_models, n_train = len(specs), len(data.x_train)
     x_train = data.x_train.to(device)
     y_train = data.y_train.to(device)

@@ -196,6 +196,9 @@ def main() -> None:
     print(f"  WeightWatcher   : {seconds_ww.mean() * 1e3:7.2f} ms/model ({seconds_ww.sum():.2f} s; analyze() defaults, model by model)")
     print(f"  speed ours / WW : {seconds_ww.sum() / seconds_ours:.2f}x (FARMS off; target >= 5x), "
           f"{seconds_ww.sum() / seconds_farms:.2f}x with FARMS on")
+    spectra = sum(seconds_spectra.values())
+    print(f"  WW / our spectra alone: {seconds_ww.sum() / spectra:.2f}x ({spectra / n * 1e3:.2f} ms/model): the most a "
+          f"zero-cost fit could give over this population (perf/eigensolvers.py times each solver for one layer)")
     print(f"alpha agreement on the {len(diffs)} layers with >= {SMALL_N} eigenvalues: max |ours - WW| = {diffs.max():.2e} "
           f"(target <= 1e-3), median {np.median(diffs):.1e}; {np.sum(diffs > 1e-3)} layers above 1e-3")
     if worst is not None:
@@ -205,6 +208,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"models": n, "ours_ms_per_model": seconds_ours / n * 1e3,
                                          "weightwatcher_ms_per_model": float(seconds_ww.mean()) * 1e3,
                                          "ratio": float(seconds_ww.sum() / seconds_ours), "alpha_max_difference": float(diffs.max()),
+                                         "ratio_bound_spectra_alone": float(seconds_ww.sum() / spectra),
                                          "layers_compared": len(diffs), "threads": args.threads}, indent=1))
 
 
