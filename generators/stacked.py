@@ -148,10 +148,14 @@ class _Stack:
         definition as `zoo.evaluation.evaluate` (batches of `batch_size` or fewer, each batch's
         summed loss added in double precision), computed for all models at once. A model loaded
         from the store reproduces these numbers to float rounding (about 1e-7 relative)."""
-        # bound the activations held at once (M x chunk x widest feature map): `EVAL_VALUES`
+        return _scores(lambda xs: self.logits(xs, training=False), x, y, self.evaluation_chunk(x, batch_size), len(self.specs),
+                       self.params[0].device)
+
+    def evaluation_chunk(self, x: torch.Tensor, batch_size: int) -> int:
+        """How many samples of `x` `evaluate` runs at once: at most `batch_size`, and few enough that
+        the activations held at once (M x chunk x the widest feature map) stay within `EVAL_VALUES`."""
         widest = max(p.shape[1 if p.dim() == 2 else 1] for p in self.params if p.dim() >= 2) * max(1, math.prod(x.shape[2:]))
-        chunk = max(1, min(batch_size, self.EVAL_VALUES // (len(self.specs) * widest)))
-        return _scores(lambda xs: self.logits(xs, training=False), x, y, chunk, len(self.specs), self.params[0].device)
+        return max(1, min(batch_size, self.EVAL_VALUES // (len(self.specs) * widest)))
 
     @torch.no_grad()
     def module(self, m: int) -> nn.Module:

@@ -48,8 +48,7 @@ def main() -> None:
             stack = build_stack(group_into_stacks(specs)[0], torch.device("cpu"))
             assert type(stack).__name__ == "_CNNStack"  # (the written-out CNN engine)
             n_models = len(stack.specs)
-            widest = 2 * width * math.prod(data.x_test.shape[2:])  # (as the engine's evaluation bounds its chunks)
-            chunk = max(1, min(specs[0].training.eval_batch_size, stack.EVAL_VALUES // (n_models * widest)))
+            chunk = stack.evaluation_chunk(data.x_test, specs[0].training.eval_batch_size)  # (as its evaluation runs)
 
             def forward(grad: bool) -> list[torch.Tensor]:
                 with torch.set_grad_enabled(grad):
