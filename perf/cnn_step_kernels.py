@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from generators.plan import group_into_stacks
 from generators.stacked import build_stack, train_stack
+from generators.training import batch_sizes
 from population_speed import write_cnn_catalog
 from zoo.catalog import load_catalog
 from zoo.datasets import load_dataset
@@ -263,12 +264,15 @@ def main() -> None:
                 per_image_written, eval_kernels, eval_rates = best_of(args.rounds, lambda clock: sum(
                     len(written_out_forward(stack, data.x_test[i : i + chunk], clock)[0]) for i in starts))
 
-            # the whole stack, and what its parts add up to
-            n_steps = args.epochs * math.ceil(len(data.x_train) / batch)
+            # the whole stack, and what its parts add up to: the steps in full-batch units (an
+            # epoch's last, short batch counted by its share of a batch, which if anything
+            # understates its convolutions' time, so the bound below stays an upper bound)
+            sizes = batch_sizes(len(data.x_train), t)
+            n_steps, full_steps = args.epochs * len(sizes), args.epochs * sum(sizes) / batch
             n_images = (args.epochs + 1) * (len(data.x_train) + len(data.x_test))
             whole = min(timed(lambda: train_stack(specs, data)) for _ in range(2))
-            parts = n_steps * step + n_images * per_image
-            floor = (n_steps * sum(s for k, s in step_kernels.items() if is_convolution(k))
+            parts = full_steps * step + n_images * per_image
+            floor = (full_steps * sum(s for k, s in step_kernels.items() if is_convolution(k))
                      + n_images * sum(s for k, s in eval_kernels.items() if is_convolution(k)))
 
             print(f"\n## {cell}: a stack of {n_models} models of width {width}, batch {batch} "

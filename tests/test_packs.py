@@ -216,3 +216,37 @@ def test_a_reader_after_a_packer_killed_mid_rename_sees_every_row(unpacked, tmp_
     assert not any(name.endswith(".pending") for name in parts(root))
     assert len(z.sql("select * from curves")) == 8 * 4
     assert fingerprint(root) == expected
+
+
+def test_a_packs_model_ids_are_read_once_per_file_and_a_new_or_damaged_file_is_read_again(smoke_root, tmp_path, monkeypatch):
+    """A job lists what its zoo stores before and after each stack: each pack's ids are read
+    from the file once, kept by the file's identity, so the reads do not grow with the square of
+    the stacks; a pack replaced under the same name is read again, a damaged one fails each time."""
+    root = tmp_path / "r"
+    shutil.copytree(smoke_root, root)
+    store = Store(root)
+    reads = []
+    real = pq.read_table
+    monkeypatch.setattr(packing.pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    stored = store.stored_ids("models", "smoke")
+    n_packs = len(reads)
+    assert len(stored) == 8 and n_packs >= 1
+    assert [store.stored_ids("models", "smoke") for _ in range(5)] == [stored] * 5
+    assert len(reads) == n_packs  # (no second read of any pack)
+
+    pack = store.zoo_dir("models", "smoke") / parts(root, "models")[0]
+    moved = pack.with_name("pack-moved.parquet")
+    pack.rename(moved)  # a rename keeps the file: still not read again
+    assert set(packing.model_ids_in(moved)) <= stored and len(reads) == n_packs
+    rows = real(moved)
+    one = rows.filter(pc.equal(rows["model_id"], rows["model_id"][0]))
+    tmp = moved.with_name(".new")
+    pq.write_table(one, tmp)
+    tmp.replace(moved)  # another file under the same name: read again, its own ids
+    assert packing.model_ids_in(moved) == [rows["model_id"][0].as_py()] and len(reads) == n_packs + 1
+
+    moved.write_bytes(b"PAR1 not a parquet file")
+    for _ in range(2):  # a failed read is not kept
+        with pytest.raises(zoo.errors.ZooError, match="damaged file"):
+            packing.model_ids_in(moved)
+    assert len(reads) == n_packs + 3
