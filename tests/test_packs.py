@@ -220,8 +220,9 @@ def test_a_reader_after_a_packer_killed_mid_rename_sees_every_row(unpacked, tmp_
 
 def test_a_packs_model_ids_are_read_once_per_file_and_a_new_or_damaged_file_is_read_again(smoke_root, tmp_path, monkeypatch):
     """A job lists what its zoo stores before and after each stack: each pack's ids are read
-    from the file once, kept by the file's identity, so the reads do not grow with the square of
-    the stacks; a pack replaced under the same name is read again, a damaged one fails each time."""
+    from the file once, kept by the pack's name and the file's identity, so the reads do not grow
+    with the square of the stacks; the same file under another pack's name, or another file under
+    the same name, is read again, and a damaged one fails each time."""
     root = tmp_path / "r"
     shutil.copytree(smoke_root, root)
     store = Store(root)
@@ -235,9 +236,15 @@ def test_a_packs_model_ids_are_read_once_per_file_and_a_new_or_damaged_file_is_r
     assert len(reads) == n_packs  # (no second read of any pack)
 
     pack = store.zoo_dir("models", "smoke") / parts(root, "models")[0]
-    moved = pack.with_name("pack-moved.parquet")
-    pack.rename(moved)  # a rename keeps the file: still not read again
+    moved = pack.with_name(pack.name + packing.PENDING)
+    pack.rename(moved)  # the same file under its pending name (a rename into place, backwards): not read again
     assert set(packing.model_ids_in(moved)) <= stored and len(reads) == n_packs
+    ids = packing.model_ids_in(moved)
+    other = pack.with_name("pack-0000000000000000.parquet")
+    moved.rename(other)  # under another pack's name: read again (a name is a hash of the ids its pack holds)
+    assert packing.model_ids_in(other) == ids and len(reads) == n_packs + 1
+    other.rename(moved)
+    n_packs += 1
     rows = real(moved)
     one = rows.filter(pc.equal(rows["model_id"], rows["model_id"][0]))
     tmp = moved.with_name(".new")

@@ -279,15 +279,17 @@ def model_ids_in(path: Path) -> list[str]:
     """The model ids a pack holds; a damaged pack is named, with the way to recover.
 
     A pack is never changed in place (it is written whole under a temporary name and renamed, or
-    removed), so its ids are read once per process and kept by the file's identity (device,
-    inode, size, modification time; a rename keeps them). Listing what a zoo stores read every
+    removed), so its ids are read once per process and kept by its name (a hash of the ids it
+    holds, `pack_key`; the `.pending` suffix left out, which its rename into place drops) and the
+    file's identity (device, inode, size, modification time: a file under the same name again,
+    written anew, is read again). Listing what a zoo stores read every
     pack's `model_id` column at each call, and a job asks before and after each stack, so its
     reads grew with the square of its stacks (225 reads, 0.26 s, for the 16 two-model stacks of
     one job of an fmnist-cnn cell; 425, half of `pack`'s 0.72 s, merging that cell's 32 stacks;
     measured here)."""
     try:
         s = os.stat(path)
-        key = (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
+        key = (path.name.removesuffix(PENDING), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
         ids = _MODEL_IDS.get(key)
         if ids is None:
             ids = tuple(pq.read_table(path, columns=["model_id"]).column(0).to_pylist())
@@ -300,4 +302,4 @@ def model_ids_in(path: Path) -> list[str]:
                        f"run `zoo verify --root {path.parents[3]}` to quarantine it") from None
 
 
-_MODEL_IDS: dict[tuple[int, int, int, int], tuple[str, ...]] = {}  # a pack file's identity -> its model ids
+_MODEL_IDS: dict[tuple[str, int, int, int, int], tuple[str, ...]] = {}  # a pack's name and file identity -> its ids
