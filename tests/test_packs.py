@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -221,11 +222,12 @@ def test_a_reader_after_a_packer_killed_mid_rename_sees_every_row(unpacked, tmp_
 def test_a_packs_model_ids_are_read_once_per_file_and_a_new_or_damaged_file_is_read_again(smoke_root, tmp_path, monkeypatch):
     """A job lists what its zoo stores before and after each stack: each pack's ids are read
     from the file once, kept by the pack's name and the file's identity, so the reads do not grow
-    with the square of the stacks; the same file under another pack's name, or another file under
-    the same name, is read again, and a damaged one fails each time."""
+    with the square of the stacks; the same file under another pack's name, touched, or another
+    file under the same name is read again, and a file that cannot be read fails each time."""
     root = tmp_path / "r"
     shutil.copytree(smoke_root, root)
     store = Store(root)
+    monkeypatch.setattr(packing, "_MODEL_IDS", {})  # (nothing kept from other tests)
     reads = []
     real = pq.read_table
     monkeypatch.setattr(packing.pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
@@ -238,13 +240,16 @@ def test_a_packs_model_ids_are_read_once_per_file_and_a_new_or_damaged_file_is_r
     pack = store.zoo_dir("models", "smoke") / parts(root, "models")[0]
     moved = pack.with_name(pack.name + packing.PENDING)
     pack.rename(moved)  # the same file under its pending name (a rename into place, backwards): not read again
-    assert set(packing.model_ids_in(moved)) <= stored and len(reads) == n_packs
     ids = packing.model_ids_in(moved)
+    assert set(ids) <= stored and len(ids) == 2 and len(reads) == n_packs
     other = pack.with_name("pack-0000000000000000.parquet")
     moved.rename(other)  # under another pack's name: read again (a name is a hash of the ids its pack holds)
     assert packing.model_ids_in(other) == ids and len(reads) == n_packs + 1
     other.rename(moved)
-    n_packs += 1
+    stat = moved.stat()
+    os.utime(moved, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: read again
+    assert packing.model_ids_in(moved) == ids and len(reads) == n_packs + 2
+    n_packs += 2
     rows = real(moved)
     one = rows.filter(pc.equal(rows["model_id"], rows["model_id"][0]))
     tmp = moved.with_name(".new")

@@ -286,13 +286,15 @@ def model_ids_in(path: Path) -> list[str]:
     pack's `model_id` column at each call, and a job asks before and after each stack, so its
     reads grew with the square of its stacks (225 reads, 0.26 s, for the 16 two-model stacks of
     one job of an fmnist-cnn cell; 425, half of `pack`'s 0.72 s, merging that cell's 32 stacks;
-    measured here)."""
+    measured here). A pack damaged in place after its ids were read, keeping its size and
+    modification time, is found by `zoo verify` (by its checksum), not here; neither did a read of
+    the `model_id` column alone find damage elsewhere in the file."""
     try:
         s = os.stat(path)
         key = (path.name.removesuffix(PENDING), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
         ids = _MODEL_IDS.get(key)
         if ids is None:
-            ids = tuple(pq.read_table(path, columns=["model_id"]).column(0).to_pylist())
+            ids = tuple(dict.fromkeys(pq.read_table(path, columns=["model_id"]).column(0).to_pylist()))  # (once each)
             if len(_MODEL_IDS) >= 4096:  # (a bound on the memory kept: start over)
                 _MODEL_IDS.clear()
             _MODEL_IDS[key] = ids
