@@ -90,14 +90,14 @@ class _Stack:
         batch = x.shape[0] if shared else x.shape[1]
         h, image = x, False
         if isinstance(self.layers[0], nn.Conv2d):
-            h = _channels_last(x if shared else x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]))
+            h = as_channels_last(x if shared else x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]))
             image = True
         elif shared:  # the first Linear of all models as one matmul against the shared inputs
             h = x.reshape(batch, -1)[None]
-        fast_pool = not torch.is_grad_enabled()  # (_max_pool_2x2 has no autograd rule of max_pool2d's ties)
+        fast_pool = not torch.is_grad_enabled()  # (max_pool_2x2 has no autograd rule of max_pool2d's ties)
         for k, layer in enumerate(self.layers):
             p = lambda name: self.param.get(f"{k}.{name}")  # noqa: E731
-            if fast_pool and _relu_then_pool_2x2(self.layers, k):
+            if fast_pool and relu_then_pool_2x2(self.layers, k):
                 continue  # taken after the pool, on a quarter of the values: the same values (ReLU is monotone)
             if isinstance(layer, nn.Flatten):
                 h = h.reshape(batch, n_models, -1).transpose(0, 1) if image else h.reshape(h.shape[0], batch, -1)
@@ -119,8 +119,8 @@ class _Stack:
                                  p("weight").reshape(-1), p("bias").reshape(-1), training, layer.momentum, layer.eps)
             elif isinstance(layer, nn.MaxPool2d):
                 if fast_pool and _is_pool_2x2(layer):
-                    h = _max_pool_2x2(h)
-                    if _relu_then_pool_2x2(self.layers, k - 1):
+                    h = max_pool_2x2(h)
+                    if relu_then_pool_2x2(self.layers, k - 1):
                         h = h.relu_()
                 else:
                     h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
@@ -212,7 +212,7 @@ class _CNNStack(_Stack):
         """As `_Stack.gradients` (x (M, B, *input_shape), y (M, B)), without autograd."""
         aten = torch.ops.aten
         n_models, batch = y.shape
-        h = _channels_last(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]))
+        h = as_channels_last(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]))
         saved = []  # per layer: what its backward needs
         body = self.layers[:-3]
         for k, layer in enumerate(body):
@@ -229,14 +229,14 @@ class _CNNStack(_Stack):
                 saved.append((h, mean, invstd))
                 h = out
             elif isinstance(layer, nn.ReLU):
-                if _relu_then_pool_2x2(body, k):
+                if relu_then_pool_2x2(body, k):
                     saved.append(None)  # taken after the pool (below)
                 else:
                     h = h.relu_()  # (in place: BatchNorm's backward needs its input, not its output)
                     saved.append(h)
             else:  # MaxPool2d(2)
                 pooled, indices = aten.max_pool2d_with_indices(h, [2, 2], [2, 2], [0, 0], [1, 1], False)
-                if _relu_then_pool_2x2(body, k - 1):
+                if relu_then_pool_2x2(body, k - 1):
                     # ReLU then max-pool = max-pool then ReLU (ReLU is monotone): the same values, on a
                     # quarter of them; where the indices differ (a window of values <= 0), the
                     # ReLU's backward sends nothing through
@@ -255,12 +255,12 @@ class _CNNStack(_Stack):
         for k in reversed(range(len(body))):
             layer, kept = body[k], saved[k]
             if isinstance(layer, nn.ReLU):
-                if not _relu_then_pool_2x2(body, k):  # (else taken at the max-pool)
+                if not relu_then_pool_2x2(body, k):  # (else taken at the max-pool)
                     g = aten.threshold_backward(g, kept, 0).contiguous(memory_format=torch.channels_last)
             elif isinstance(layer, nn.MaxPool2d):
                 inputs, indices, pooled = kept
                 g = g.contiguous(memory_format=torch.channels_last)
-                if _relu_then_pool_2x2(body, k - 1):
+                if relu_then_pool_2x2(body, k - 1):
                     # the ReLU's backward on the pooled map, a quarter of the values (0.05 vs 0.45 ms
                     # for 4 models of width 4 at batch 128, measured here)
                     g = aten.threshold_backward(g, pooled, 0)
@@ -401,7 +401,7 @@ def _is_pool_2x2(layer: nn.Module) -> bool:
             and layer.padding in (0, (0, 0)) and layer.dilation in (1, (1, 1)) and not layer.ceil_mode)
 
 
-def _relu_then_pool_2x2(layers: list[nn.Module], k: int) -> bool:
+def relu_then_pool_2x2(layers: list[nn.Module], k: int) -> bool:
     """Whether layers[k] is a ReLU followed by max_pool2d(2) (which the engines swap)."""
     return 0 <= k < len(layers) - 1 and isinstance(layers[k], nn.ReLU) and _is_pool_2x2(layers[k + 1])
 
@@ -414,7 +414,7 @@ def _windows(images: torch.Tensor) -> torch.Tensor:
     return rows.unflatten(2, (w // 2, 2)).unflatten(1, (h // 2, 2))
 
 
-def _max_pool_2x2(images: torch.Tensor) -> torch.Tensor:
+def max_pool_2x2(images: torch.Tensor) -> torch.Tensor:
     """max_pool2d(images, 2) of channels-last images (B, C, H, W): the same values (NaN included),
     channels-last, as two elementwise maxima of strided views. max_pool2d also writes an index per
     value and took 4x as long (0.46 vs 0.11 ms for 66 x 16 x 28 x 28 values, 1 thread, measured
@@ -424,7 +424,7 @@ def _max_pool_2x2(images: torch.Tensor) -> torch.Tensor:
     return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
+def as_channels_last(x: torch.Tensor) -> torch.Tensor:
     """A copy of images x (B, C, H, W) in channels-last strides, also when C is 1: there
     `contiguous(memory_format=torch.channels_last)` keeps the NCHW strides, a convolution then
     answers in NCHW and every later kernel takes its slow path (the max-pool 10x slower, measured

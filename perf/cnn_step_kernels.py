@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from generators.plan import group_into_stacks
-from generators.stacked import build_stack, train_stack
+from generators.stacked import as_channels_last, build_stack, max_pool_2x2, relu_then_pool_2x2, train_stack
 from generators.training import batch_sizes
 from population_speed import write_cnn_catalog
 from zoo.catalog import load_catalog
@@ -76,22 +76,13 @@ def convolution_flops(out: torch.Tensor, weight: torch.Tensor) -> float:
     return 2.0 * out.numel() * math.prod(weight.shape[2:])
 
 
-def images(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in channels-last strides, also for one channel (as the engine lays them out)."""
-    return torch.empty(x.shape, dtype=x.dtype, memory_format=CHANNELS_LAST).copy_(x)
-
-
-def pool_follows(layers: list[nn.Module], k: int) -> bool:
-    return k + 1 < len(layers) and isinstance(layers[k + 1], nn.MaxPool2d)
-
-
 def written_out_step(stack, x: torch.Tensor, y: torch.Tensor, means: dict, clock: Clock) -> list[torch.Tensor]:
     """The engine's CNN training step, kernel by kernel: forward, loss gradient, backward."""
     n_models, batch = y.shape
     body = stack.layers[:-3]
     params = dict(zip(stack.names, stack.params))
     clock.start()
-    h = images(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]))
+    h = as_channels_last(x.transpose(0, 1).reshape(batch, -1, *x.shape[3:]))
     clock("layout: input to channels-last")
     saved = []
     for k, layer in enumerate(body):
@@ -110,7 +101,7 @@ def written_out_step(stack, x: torch.Tensor, y: torch.Tensor, means: dict, clock
             h = out
             clock(f"batchnorm {k} forward")
         elif isinstance(layer, nn.ReLU):
-            if pool_follows(body, k):
+            if relu_then_pool_2x2(body, k):
                 saved.append(None)  # taken after the pool, as the engine takes it
             else:
                 h = h.relu_()
@@ -119,8 +110,9 @@ def written_out_step(stack, x: torch.Tensor, y: torch.Tensor, means: dict, clock
         else:
             pooled, indices = aten.max_pool2d_with_indices(h, [2, 2], [2, 2], [0, 0], [1, 1], False)
             clock(f"max-pool {k} forward")
-            pooled = pooled.relu_()
-            clock(f"relu {k - 1} forward (pooled)")
+            if relu_then_pool_2x2(body, k - 1):
+                pooled = pooled.relu_()
+                clock(f"relu {k - 1} forward (pooled)")
             saved.append((h, indices, pooled))
             h = pooled
     pooled = h.mean((2, 3)).reshape(batch, n_models, -1).transpose(0, 1)
@@ -136,15 +128,16 @@ def written_out_step(stack, x: torch.Tensor, y: torch.Tensor, means: dict, clock
     for k in reversed(range(len(body))):
         layer, kept = body[k], saved[k]
         if isinstance(layer, nn.ReLU):
-            if not pool_follows(body, k):
+            if not relu_then_pool_2x2(body, k):
                 g = aten.threshold_backward(g, kept, 0).contiguous(memory_format=CHANNELS_LAST)
                 clock(f"relu {k} backward")
         elif isinstance(layer, nn.MaxPool2d):
             inputs, indices, pooled = kept
             g = g.contiguous(memory_format=CHANNELS_LAST)
             clock("layout: gradient to channels-last")
-            g = aten.threshold_backward(g, pooled, 0)
-            clock(f"relu {k - 1} backward (pooled)")
+            if relu_then_pool_2x2(body, k - 1):
+                g = aten.threshold_backward(g, pooled, 0)
+                clock(f"relu {k - 1} backward (pooled)")
             g = aten.max_pool2d_with_indices_backward(g, inputs, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
             clock(f"max-pool {k} backward")
         elif isinstance(layer, nn.BatchNorm2d):
@@ -173,7 +166,7 @@ def written_out_forward(stack, x: torch.Tensor, clock: Clock) -> torch.Tensor:
     body = stack.layers[:-3]
     params = dict(zip(stack.names, stack.params))
     clock.start()
-    h = images(x)
+    h = as_channels_last(x)
     clock("layout: input to channels-last")
     for k, layer in enumerate(body):
         if isinstance(layer, nn.Conv2d):
@@ -187,17 +180,15 @@ def written_out_forward(stack, x: torch.Tensor, clock: Clock) -> torch.Tensor:
                              params[f"{k}.weight"].reshape(-1), params[f"{k}.bias"].reshape(-1), False, layer.momentum, layer.eps)
             clock(f"batchnorm {k} forward")
         elif isinstance(layer, nn.ReLU):
-            if not pool_follows(body, k):
+            if not relu_then_pool_2x2(body, k):
                 h = torch.relu(h)
                 clock(f"relu {k} forward")
         else:
-            rows = h.permute(0, 2, 3, 1)[:, : h.shape[2] // 2 * 2, : h.shape[3] // 2 * 2]
-            windows = rows.unflatten(2, (h.shape[3] // 2, 2)).unflatten(1, (h.shape[2] // 2, 2))
-            pairs = torch.maximum(windows[:, :, 0], windows[:, :, 1])
-            h = torch.maximum(pairs[:, :, :, 0], pairs[:, :, :, 1]).permute(0, 3, 1, 2)
+            h = max_pool_2x2(h)
             clock(f"max-pool {k} forward")
-            h = h.relu_()
-            clock(f"relu {k - 1} forward (pooled)")
+            if relu_then_pool_2x2(body, k - 1):
+                h = h.relu_()
+                clock(f"relu {k - 1} forward (pooled)")
     h = h.mean((2, 3)).reshape(batch, n_models, -1).transpose(0, 1)
     logits = torch.baddbmm(stack.params[-1][:, None, :], h, stack.params[-2])
     clock("head: average pool, linear")

@@ -235,11 +235,11 @@ def test_the_cnn_engines_written_out_gradients_equal_autograd(architecture):
 def test_the_engines_max_pool_equals_max_pool2d_with_ties_nan_and_odd_sizes(shape):
     from torch.nn import functional as F
 
-    from generators.stacked import _channels_last, _max_pool_2x2
+    from generators.stacked import as_channels_last, max_pool_2x2
 
     images = torch.randn(shape, generator=torch.Generator().manual_seed(0)).round()  # whole numbers: many ties
     images[0, 0, 0, :3] = float("nan")
-    pooled = _max_pool_2x2(_channels_last(images))
+    pooled = max_pool_2x2(as_channels_last(images))
     expected = F.max_pool2d(images, 2)  # a last odd row or column dropped
     assert pooled.shape == expected.shape and pooled.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(pooled.isnan(), expected.isnan()) and pooled.isnan().any()
@@ -249,13 +249,13 @@ def test_the_engines_max_pool_equals_max_pool2d_with_ties_nan_and_odd_sizes(shap
 @pytest.mark.parametrize("architecture", [{"name": "cnn", "width": 3, "depth": 2},
                                           {"name": "cnn", "width": 2, "depth": 3, "kernel_size": 4, "batchnorm": False}])
 def test_a_cnn_stacks_evaluation_forward_gives_the_values_of_the_plain_layer_by_layer_one(architecture, monkeypatch):
-    """Evaluation (no gradient) takes each ReLU after its max-pool, on `_max_pool_2x2`; with
+    """Evaluation (no gradient) takes each ReLU after its max-pool, on `max_pool_2x2`; with
     gradients on, the same forward runs layer by layer with max_pool2d. Both give the same values,
     on digits (flat regions: tied windows) and on odd sizes (kernel 4 grows 8 x 8 images to 9 x 9)."""
     from generators import stacked
 
-    pools, pool = [], stacked._max_pool_2x2
-    monkeypatch.setattr(stacked, "_max_pool_2x2", lambda images: pools.append(1) or pool(images))  # counted
+    pools, pool = [], stacked.max_pool_2x2
+    monkeypatch.setattr(stacked, "max_pool_2x2", lambda images: pools.append(1) or pool(images))  # counted
     specs = parse_zoo("c", dict(CNN_STACK_ZOO, architecture=architecture)).models()
     stack = stacked._CNNStack(specs, torch.device("cpu"))
     data = load_dataset(specs[0].dataset)
